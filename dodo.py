@@ -1,0 +1,118 @@
+"""Kairos release pipeline. `doit list` shows the stages, `doit` builds every
+selected flavor, `doit <stage>:<artifact stem>` builds one artifact and what it needs.
+
+Selection (environment or doit variables, e.g. `doit flavors=flavors/upstream`):
+  KAIROS_FLAVORS / flavors=   flavor files or directories (default: flavors/)
+  KAIROS_SHARD   / shard=     I/N: only this shard of the build matrix
+  KAIROS_STATE                state directory (doit DB, digests; default .state/)
+  KAIROS_OUTPUTS              artifacts directory (default outputs/)
+  KAIROS_VERBOSE=1            print every command run
+"""
+import os
+from pathlib import Path
+
+from doit import get_var
+
+from tasks import graph
+from tasks.stages import base, convert, extract, pending, preflight, push, resolve
+
+CTX = graph.load(Path(__file__).resolve().parent,
+                 get_var("flavors", os.environ.get("KAIROS_FLAVORS")),
+                 get_var("shard", os.environ.get("KAIROS_SHARD")))
+DOIT_CONFIG = graph.doit_config(CTX)
+
+
+def task_preflight():
+    """Check the Docker daemon, BuildKit CLI, tools and registries before any work."""
+    return preflight.task(CTX)
+
+
+def task_bootstrap():
+    """Build offline base root filesystems with mmdebstrap."""
+    yield from base.tasks(CTX, "bootstrap")
+
+
+def task_seed():
+    """Import offline base rootfs tarballs as images and push them to the registry."""
+    yield from base.tasks(CTX, "seed")
+
+
+def task_resolve():
+    """Resolve base and kairos-init references to digests (always runs, cheap)."""
+    yield from resolve.resolve_tasks(CTX)
+
+
+def task_pull():
+    """Pull base and kairos-init images by digest, per arch."""
+    yield from resolve.pull_tasks(CTX)
+
+
+def task_convert():
+    """Convert a base image into a Kairos image (docker build with BuildKit)."""
+    yield from convert.tasks(CTX)
+
+
+def task_push():
+    """Push the converted image to the flavor's registry, tagged by convention."""
+    yield from push.tasks(CTX)
+
+
+def task_kernel():
+    """Extract <stem>-kernel from the image's /boot."""
+    yield from extract.tasks(CTX, "kernel")
+
+
+def task_initrd():
+    """Extract <stem>-initrd from the image's /boot."""
+    yield from extract.tasks(CTX, "initrd")
+
+
+def task_squashfs():
+    """Build <stem>.squashfs of the image's root filesystem."""
+    yield from extract.tasks(CTX, "squashfs")
+
+
+def task_iso():
+    """Build <stem>.iso (not implemented yet)."""
+    yield from pending.tasks(CTX, "iso")
+
+
+def task_raw():
+    """Build the raw disk <stem>.img (not implemented yet)."""
+    yield from pending.tasks(CTX, "raw")
+
+
+def task_ipxe():
+    """Build the iPXE script, ISO and USB image (not implemented yet)."""
+    yield from pending.tasks(CTX, "ipxe")
+
+
+def task_sbom():
+    """Build the SPDX and syft SBOMs (not implemented yet)."""
+    yield from pending.tasks(CTX, "sbom")
+
+
+def task_trivy():
+    """Scan with trivy (not implemented yet)."""
+    yield from pending.tasks(CTX, "trivy")
+
+
+def task_grype():
+    """Scan with grype (not implemented yet)."""
+    yield from pending.tasks(CTX, "grype")
+
+
+def task_sign():
+    """Sign images and artifacts with cosign (not implemented yet)."""
+    yield from pending.tasks(CTX, "sign")
+
+
+def task_build():
+    """Everything one build produces: `doit build:<stem>`."""
+    for b in CTX.builds:
+        yield {
+            "name": b.stem,
+            "doc": f"all artifacts of {b.stem}",
+            "actions": None,
+            "task_dep": [f"push:{b.stem}"] + [f"{kind}:{b.stem}" for kind in b.kinds],
+        }

@@ -1,0 +1,1 @@
+"""Kairos release pipeline on doit: flavors -> task graph -> artifacts in outputs/."""

@@ -1,0 +1,449 @@
+"""Flavor YAML -> validated, frozen dataclasses.
+
+Every problem is reported as ``file:line: key.path: message`` and all problems
+of all files are reported at once (ConfigError). Unknown keys are errors.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ARTIFACT_KINDS = ("iso", "raw", "ipxe", "kernel", "initrd", "squashfs", "sbom", "trivy", "grype", "sign")
+VARIANTS = ("core", "standard")
+ARCHES = ("amd64", "arm64")
+# device -> the arches it exists for
+DEVICES = {"generic": ("amd64", "arm64"), "rpi3": ("arm64",), "rpi4": ("arm64",)}
+CONVERTERS = ("kairos-init", "builtin")
+SQUASHFS_COMPRESSORS = ("gzip", "xz", "zstd", "lz4", "lzo")
+INITRAMFS_MODULES = ("most", "dep", "list", "netboot")
+
+VERSION_RE = re.compile(r"^v(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?$")
+K3S_RE = re.compile(r"^v(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-rc\d+)?\+k3s\d+$")
+FLAVOR_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+RELEASE_RE = re.compile(r"^[A-Za-z0-9]+([._-][A-Za-z0-9]+)*$")
+SUITE_RE = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
+PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]*(:[a-z0-9]+)?$")
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_HOST = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*(?::[0-9]+)?)"
+REPO_RE = re.compile(rf"^(?:{_HOST}/)?{_COMPONENT}(?:/{_COMPONENT})*$")
+REF_RE = re.compile(rf"^(?P<repo>(?:{_HOST}/)?{_COMPONENT}(?:/{_COMPONENT})*)"
+                    r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$")
+
+
+class ConfigError(Exception):
+    """All problems found in the flavor files; str() is one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class MmdebstrapBase:
+    """A base rootfs made offline by mmdebstrap from Debian's mirror."""
+
+    suite: str
+    arch: str | None = None          # None: follow each build's arch
+    variant: str = "minbase"
+    mirror: str = "http://deb.debian.org/debian"
+    components: tuple[str, ...] = ("main",)
+    include: tuple[str, ...] = ()
+
+    def options(self) -> dict:
+        return {"suite": self.suite, "variant": self.variant, "mirror": self.mirror,
+                "components": list(self.components), "include": list(self.include)}
+
+
+@dataclass(frozen=True)
+class BuiltinOptions:
+    """Options of the builtin (offline) converter."""
+
+    packages: tuple[str, ...] = ()
+    initramfs_modules: str = "most"
+
+
+@dataclass(frozen=True)
+class SquashfsOptions:
+    compression: str = "gzip"
+    block_size: str = "1024k"
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """One flavor file, validated."""
+
+    path: Path
+    flavor: str
+    release: str
+    base_image: str | MmdebstrapBase
+    version: str
+    variants: tuple[str, ...]
+    k3s_versions: tuple[str, ...]
+    arches: tuple[str, ...]
+    devices: tuple[str, ...]
+    converter: str
+    kairos_init_image: str | None
+    registry: str
+    artifacts: tuple[str, ...]
+    overlay: Path | None = None
+    trusted_boot: bool = False
+    fips: bool = False
+    raw_generic: bool = False
+    builtin: BuiltinOptions = field(default_factory=BuiltinOptions)
+    squashfs: SquashfsOptions = field(default_factory=SquashfsOptions)
+
+
+# --- YAML loading with line numbers and duplicate-key detection -------------
+
+class _Map(dict):
+    """A mapping that remembers the line of each key (1-based)."""
+
+    lines: dict
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Map:
+    result = _Map()
+    result.lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, (str, int, float, bool)) or key is None:
+            raise yaml.constructor.ConstructorError(
+                None, None, "mapping keys must be plain strings", key_node.start_mark)
+        if key in result:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        result[key] = loader.construct_object(value_node, deep=True)
+        result.lines[key] = key_node.start_mark.line + 1
+    return result
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark else str(path)
+    problem = getattr(exc, "problem", None) or str(exc)
+    return f"{where}: malformed YAML: {problem}"
+
+
+# --- validation ----------------------------------------------------------------
+
+class _Checker:
+    """Collects problems for one file; helpers return a value or None."""
+
+    def __init__(self, path: Path, doc: _Map, problems: list[str]):
+        self.path = path
+        self.doc = doc
+        self.problems = problems
+
+    def where(self, keypath: str, mapping: dict | None = None, key: str | None = None) -> str:
+        line = getattr(mapping if mapping is not None else self.doc, "lines", {}).get(
+            key if key is not None else keypath.split(".")[0])
+        return f"{self.path}:{line}" if line else f"{self.path}"
+
+    def problem(self, keypath: str, message: str, mapping: dict | None = None, key: str | None = None):
+        self.problems.append(f"{self.where(keypath, mapping, key)}: {keypath}: {message}")
+
+    def unknown_keys(self, mapping: dict, allowed: tuple[str, ...], prefix: str = "") -> None:
+        for key in mapping:
+            if key not in allowed:
+                self.problem(f"{prefix}{key}", f"unknown key (allowed: {', '.join(allowed)})", mapping, key)
+
+    def string(self, mapping, key, prefix="", required=True, pattern=None, hint="", default=None):
+        keypath = f"{prefix}{key}"
+        if key not in mapping:
+            if required:
+                self.problems.append(f"{self.path}: {keypath}: missing required key")
+            return default
+        value = mapping[key]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            self.problem(keypath, f"must be a string, got number {value!r}; quote it, e.g. \"{value}\"",
+                         mapping, key)
+            return None
+        if not isinstance(value, str):
+            self.problem(keypath, f"must be a string, got {_type_name(value)}", mapping, key)
+            return None
+        if pattern is not None and not pattern.match(value):
+            self.problem(keypath, f"invalid value {value!r}{': ' + hint if hint else ''}", mapping, key)
+            return None
+        return value
+
+    def boolean(self, mapping, key, prefix="", default=False):
+        if key not in mapping:
+            return default
+        value = mapping[key]
+        if not isinstance(value, bool):
+            self.problem(f"{prefix}{key}", f"must be true or false, got {_type_name(value)} {value!r}",
+                         mapping, key)
+            return default
+        return value
+
+    def choice_list(self, mapping, key, choices, prefix="", required=True, pattern=None, hint=""):
+        keypath = f"{prefix}{key}"
+        if key not in mapping:
+            if required:
+                self.problems.append(f"{self.path}: {keypath}: missing required key")
+            return None
+        value = mapping[key]
+        if not isinstance(value, list):
+            self.problem(keypath, f"must be a list, got {_type_name(value)}", mapping, key)
+            return None
+        out: list[str] = []
+        ok = True
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                self.problem(f"{keypath}[{i}]", f"must be a string, got {_type_name(item)} {item!r}",
+                             mapping, key)
+                ok = False
+            elif choices is not None and item not in choices:
+                self.problem(f"{keypath}[{i}]", f"unknown value {item!r} (allowed: {', '.join(choices)})",
+                             mapping, key)
+                ok = False
+            elif pattern is not None and not pattern.match(item):
+                self.problem(f"{keypath}[{i}]", f"invalid value {item!r}{': ' + hint if hint else ''}",
+                             mapping, key)
+                ok = False
+            elif item in out:
+                self.problem(f"{keypath}[{i}]", f"duplicate value {item!r}", mapping, key)
+                ok = False
+            else:
+                out.append(item)
+        return tuple(out) if ok else None
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {dict: "a mapping", _Map: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+TOP_KEYS = ("flavor", "release", "base_image", "version", "variants", "k3s_versions", "arches", "devices",
+            "converter", "kairos_init_image", "registry", "artifacts", "overlay", "trusted_boot", "fips",
+            "raw_generic", "builtin", "squashfs")
+MMDEBSTRAP_KEYS = ("suite", "arch", "variant", "mirror", "components", "include")
+BUILTIN_KEYS = ("packages", "initramfs_modules")
+SQUASHFS_KEYS = ("compression", "block_size")
+
+
+def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """Split an image reference into (repository, tag, digest)."""
+    match = REF_RE.match(ref)
+    if not match:
+        raise ValueError(f"not an image reference: {ref!r}")
+    return match["repo"], match["tag"], match["digest"]
+
+
+def _check_base(c: _Checker, doc: _Map) -> str | MmdebstrapBase | None:
+    if "base_image" not in doc:
+        c.problems.append(f"{c.path}: base_image: missing required key")
+        return None
+    value = doc["base_image"]
+    if isinstance(value, str):
+        if not REF_RE.match(value):
+            c.problem("base_image", f"not an image reference: {value!r} (expected e.g. ubuntu:24.04 or "
+                      "registry.example.com/team/ubuntu:24.04)")
+            return None
+        return value
+    if isinstance(value, dict) and set(value) == {"mmdebstrap"} and isinstance(value["mmdebstrap"], dict):
+        spec = value["mmdebstrap"]
+        p = "base_image.mmdebstrap."
+        c.unknown_keys(spec, MMDEBSTRAP_KEYS, p)
+        suite = c.string(spec, "suite", p, pattern=SUITE_RE, hint="a Debian suite such as bookworm")
+        arch = c.string(spec, "arch", p, required=False)
+        if arch is not None and arch not in ARCHES:
+            c.problem(p + "arch", f"unknown arch {arch!r} (allowed: {', '.join(ARCHES)})", spec, "arch")
+            arch = None
+        variant = c.string(spec, "variant", p, required=False, default="minbase")
+        if variant not in ("minbase", "buildd", "required", "important", "standard", "apt", "essential"):
+            c.problem(p + "variant", f"unknown mmdebstrap variant {variant!r}", spec, "variant")
+        mirror = c.string(spec, "mirror", p, required=False, default=MmdebstrapBase.mirror,
+                          pattern=re.compile(r"^(https?|file)://\S+$"), hint="a mirror URL")
+        components = c.choice_list(spec, "components", None, p, required=False, pattern=SUITE_RE)
+        include = c.choice_list(spec, "include", None, p, required=False, pattern=PACKAGE_RE,
+                                hint="a Debian package name")
+        if suite is None:
+            return None
+        return MmdebstrapBase(suite=suite, arch=arch, variant=variant or "minbase",
+                              mirror=mirror or MmdebstrapBase.mirror,
+                              components=components or ("main",), include=include or ())
+    c.problem("base_image", "must be an image reference string or {mmdebstrap: {suite: ..., arch: ...}}, "
+              f"got {_type_name(value)}")
+    return None
+
+
+def _check_doc(path: Path, doc: Any, problems: list[str]) -> Flavor | None:
+    if not isinstance(doc, dict):
+        problems.append(f"{path}: the file must hold one mapping of flavor keys, got {_type_name(doc)}")
+        return None
+    start = len(problems)
+    c = _Checker(path, doc, problems)
+    c.unknown_keys(doc, TOP_KEYS)
+    flavor = c.string(doc, "flavor", pattern=FLAVOR_RE, hint="lowercase letters, digits and dashes")
+    release = c.string(doc, "release", pattern=RELEASE_RE, hint="letters, digits, '.', '_' and '-'")
+    base = _check_base(c, doc)
+    version = c.string(doc, "version", pattern=VERSION_RE, hint="a semantic version with a leading v, e.g. v3.1.0")
+    variants = c.choice_list(doc, "variants", VARIANTS)
+    k3s = c.choice_list(doc, "k3s_versions", None, required=False, pattern=K3S_RE,
+                        hint="a k3s release such as v1.28.2+k3s1")
+    arches = c.choice_list(doc, "arches", ARCHES)
+    devices = c.choice_list(doc, "devices", tuple(DEVICES))
+    converter = c.string(doc, "converter", required=False, default="kairos-init")
+    if converter is not None and converter not in CONVERTERS:
+        c.problem("converter", f"unknown converter {converter!r} (allowed: {', '.join(CONVERTERS)})")
+        converter = None
+    kairos_init = c.string(doc, "kairos_init_image", required=False)
+    registry = c.string(doc, "registry", pattern=REPO_RE,
+                        hint="a repository prefix without tag, e.g. 127.0.0.1:5000/kairos")
+    artifacts = c.choice_list(doc, "artifacts", ARTIFACT_KINDS)
+    trusted = c.boolean(doc, "trusted_boot")
+    fips = c.boolean(doc, "fips")
+    raw_generic = c.boolean(doc, "raw_generic")
+
+    overlay = None
+    if "overlay" in doc:
+        raw = c.string(doc, "overlay", required=False)
+        if raw is not None:
+            overlay = (path.parent / raw).resolve()
+            if not overlay.is_dir():
+                c.problem("overlay", f"directory {raw!r} does not exist (resolved to {overlay})")
+                overlay = None
+
+    builtin = BuiltinOptions()
+    if "builtin" in doc:
+        spec = doc["builtin"]
+        if not isinstance(spec, dict):
+            c.problem("builtin", f"must be a mapping, got {_type_name(spec)}")
+        else:
+            c.unknown_keys(spec, BUILTIN_KEYS, "builtin.")
+            packages = c.choice_list(spec, "packages", None, "builtin.", required=False, pattern=PACKAGE_RE,
+                                     hint="a Debian package name")
+            modules = c.string(spec, "initramfs_modules", "builtin.", required=False, default="most")
+            if modules not in INITRAMFS_MODULES:
+                c.problem("builtin.initramfs_modules", f"unknown value {modules!r} (allowed: "
+                          f"{', '.join(INITRAMFS_MODULES)})", spec, "initramfs_modules")
+                modules = "most"
+            builtin = BuiltinOptions(packages=packages or (), initramfs_modules=modules)
+        if converter == "kairos-init":
+            c.problem("builtin", "only used with converter: builtin (this flavor uses kairos-init)")
+
+    squashfs = SquashfsOptions()
+    if "squashfs" in doc:
+        spec = doc["squashfs"]
+        if not isinstance(spec, dict):
+            c.problem("squashfs", f"must be a mapping, got {_type_name(spec)}")
+        else:
+            c.unknown_keys(spec, SQUASHFS_KEYS, "squashfs.")
+            comp = c.string(spec, "compression", "squashfs.", required=False, default="gzip")
+            if comp not in SQUASHFS_COMPRESSORS:
+                c.problem("squashfs.compression", f"unknown compressor {comp!r} (allowed: "
+                          f"{', '.join(SQUASHFS_COMPRESSORS)})", spec, "compression")
+                comp = "gzip"
+            block = c.string(spec, "block_size", "squashfs.", required=False, default="1024k",
+                             pattern=re.compile(r"^\d+[kKmM]?$"), hint="e.g. 1024k")
+            squashfs = SquashfsOptions(compression=comp, block_size=block or "1024k")
+
+    # cross-field rules
+    if converter == "kairos-init":
+        if "kairos_init_image" not in doc:
+            problems.append(f"{path}: kairos_init_image: required when converter is kairos-init "
+                            "(e.g. quay.io/kairos/kairos-init:v0.5.20)")
+        elif kairos_init is not None:
+            if not REF_RE.match(kairos_init):
+                c.problem("kairos_init_image", f"not an image reference: {kairos_init!r}")
+                kairos_init = None
+            elif not (parse_ref(kairos_init)[1] or parse_ref(kairos_init)[2]):
+                c.problem("kairos_init_image", f"{kairos_init!r} must be pinned to a tag or digest")
+    elif converter == "builtin" and "kairos_init_image" in doc:
+        c.problem("kairos_init_image", "only used with converter: kairos-init (this flavor uses builtin)")
+    if variants and "standard" in variants and not k3s:
+        c.problem("variants" if "k3s_versions" not in doc else "k3s_versions",
+                  "the standard variant needs at least one k3s version in k3s_versions (e.g. [v1.28.2+k3s1])")
+    if variants and k3s and "standard" not in variants:
+        c.problem("k3s_versions", "k3s versions are only used by the standard variant, which variants does not list")
+    if arches and devices:
+        for device in devices:
+            if not set(DEVICES[device]) & set(arches):
+                c.problem("devices", f"{device} needs arch {' or '.join(DEVICES[device])}, "
+                          f"but arches lists only {', '.join(arches)}")
+    if isinstance(base, MmdebstrapBase) and base.arch and arches:
+        others = [a for a in arches if a != base.arch]
+        if others:
+            c.problem("base_image", f"mmdebstrap arch {base.arch} cannot serve arches {', '.join(others)}; "
+                      "drop base_image.mmdebstrap.arch to follow each build's arch")
+    if artifacts is not None and "raw" in artifacts and devices and not raw_generic \
+            and not any(d != "generic" for d in devices):
+        c.problem("artifacts", "raw images are built for rpi devices only; set raw_generic: true "
+                  "to build them for generic too")
+    if trusted and devices and any(d != "generic" for d in devices):
+        c.problem("trusted_boot", "trusted boot is only supported for generic devices")
+
+    if len(problems) > start:
+        return None
+    return Flavor(path=path, flavor=flavor, release=release, base_image=base, version=version,
+                  variants=variants, k3s_versions=k3s or (), arches=arches, devices=devices,
+                  converter=converter, kairos_init_image=kairos_init if converter == "kairos-init" else None,
+                  registry=registry, artifacts=artifacts, overlay=overlay, trusted_boot=trusted, fips=fips,
+                  raw_generic=raw_generic, builtin=builtin, squashfs=squashfs)
+
+
+def _display(path: Path) -> Path:
+    """Paths in messages: relative to the working directory when below it."""
+    try:
+        return path.absolute().relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+def flavor_files(sources: list[Path]) -> tuple[list[Path], list[str]]:
+    """Expand files and directories (non-recursive *.yaml/*.yml, sorted)."""
+    files: list[Path] = []
+    problems: list[str] = []
+    for source in sources:
+        source = _display(Path(source))
+        if source.is_dir():
+            found = sorted(p for p in source.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+            if not found:
+                problems.append(f"{source}: no flavor files (*.yaml) in this directory")
+            files.extend(found)
+        elif source.is_file():
+            files.append(source)
+        else:
+            problems.append(f"{source}: no such flavor file or directory")
+    return files, problems
+
+
+def load_flavor_file(path: Path, problems: list[str]) -> Flavor | None:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append(f"{path}: cannot read: {exc}")
+        return None
+    try:
+        doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as exc:
+        problems.append(_yaml_problem(path, exc))
+        return None
+    return _check_doc(path, doc, problems)
+
+
+def load_flavors(sources: list[Path]) -> tuple[Flavor, ...]:
+    """Load and validate every flavor file; raise ConfigError listing all problems."""
+    files, problems = flavor_files(sources)
+    flavors = []
+    for path in files:
+        flavor = load_flavor_file(path, problems)
+        if flavor is not None:
+            flavors.append(flavor)
+    if problems:
+        raise ConfigError(problems)
+    return tuple(flavors)

@@ -1,0 +1,152 @@
+"""Glue between the flavor matrix and doit: context, action guard, reporter,
+doit configuration and the list of stage task creators.
+
+Loading never contacts Docker or a registry: it reads flavor files and lists
+overlay directories, nothing else.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from doit.exceptions import TaskError, TaskFailed
+from doit.reporter import ConsoleReporter
+
+from .config import ConfigError, Flavor, load_flavors
+from .matrix import Build, duplicate_problems, expand, parse_shard, shard
+from .run import KairosError
+from .state import Paths
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything the stage task generators need."""
+
+    root: Path
+    paths: Paths
+    flavors: tuple[Flavor, ...]
+    builds: tuple[Build, ...]
+
+
+def flavor_sources(root: Path, value: str | None) -> list[Path]:
+    """KAIROS_FLAVORS / `flavors=` (os.pathsep-separated files or dirs), default `flavors/`."""
+    if not value:
+        return [root / "flavors"]
+    return [Path(p) if os.path.isabs(p) else Path.cwd() / p for p in value.split(os.pathsep) if p]
+
+
+def select_builds(flavors: tuple[Flavor, ...], shard_text: str | None) -> list[Build]:
+    builds = expand(flavors)
+    problems = duplicate_problems(builds)
+    if problems:
+        raise ConfigError(problems)
+    if shard_text:
+        try:
+            index, count = parse_shard(shard_text)
+        except ValueError as exc:
+            raise ConfigError([f"shard: {exc}"]) from None
+        builds = shard(builds, index, count)
+    return builds
+
+
+def load(root: Path, flavors: str | None = None, shard_text: str | None = None) -> Context:
+    """Build the context, or print every config problem and exit with status 2."""
+    try:
+        loaded = load_flavors(flavor_sources(root, flavors))
+        builds = select_builds(loaded, shard_text)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print(f"{len(exc.problems)} problem(s) in the flavor files; nothing was built", file=sys.stderr)
+        raise SystemExit(2) from None
+    return Context(root=root, paths=Paths.from_env(root), flavors=loaded, builds=tuple(builds))
+
+
+# --- actions --------------------------------------------------------------------
+
+def _guarded(fn, args):
+    try:
+        fn(*args)
+    except KairosError as exc:
+        return TaskError(str(exc)) if exc.kind == "error" else TaskFailed(str(exc))
+    return None
+
+
+def action(fn, *args):
+    """A doit python-action that turns KairosError into a clean one-message failure."""
+    return (_guarded, (fn, args))
+
+
+class Reporter(ConsoleReporter):
+    """doit's console reporter, but known errors print as `error: <task>: <message>`
+    on stderr without tracebacks or repeated output blocks."""
+
+    desc = "kairos console output"
+
+    def _write_failure(self, result, write_exception=True):
+        fail = result["exception"]
+        task = result["task"].name
+        if fail.traceback:
+            super()._write_failure(result, write_exception)
+            return
+        sys.stderr.write(f"error: {task}: {fail.message}\n")
+        sys.stderr.flush()
+
+    def complete_run(self):
+        # output is streamed live (verbosity 2); do not print it again
+        for msg in self.runtime_errors:
+            sys.stderr.write(msg + "\n")
+
+
+# doit commands that only read the state: no lock needed
+READ_ONLY_COMMANDS = {"list", "info", "help", "tabcompletion", "dumpdb"}
+_LOCK_HANDLE = None
+
+
+def command_of(argv: list[str]) -> str:
+    """The doit command in ``argv`` (doit's default command is run)."""
+    for arg in argv:
+        if not arg.startswith("-") and "=" not in arg:
+            return arg
+    return "run"
+
+
+def lock_state(paths: Paths, argv: list[str]) -> None:
+    """Hold an exclusive lock on the state directory for this process's lifetime.
+
+    A second run on the same state stops at once instead of racing the first
+    one's dependency DB and digest files.
+    """
+    global _LOCK_HANDLE
+    if command_of(argv) in READ_ONLY_COMMANDS:
+        return
+    import fcntl
+    lock = paths.state / "lock"
+    handle = open(lock, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        print(f"error: another doit run (pid {owner}) is using the state directory {paths.state}; "
+              "wait for it to finish or stop it", file=sys.stderr)
+        raise SystemExit(2) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _LOCK_HANDLE = handle
+
+
+def doit_config(ctx: Context) -> dict:
+    ctx.paths.state.mkdir(parents=True, exist_ok=True)
+    lock_state(ctx.paths, sys.argv[1:])
+    return {
+        "dep_file": str(ctx.paths.dep_file),
+        "backend": "sqlite3",
+        "verbosity": 2,
+        "reporter": Reporter,
+        "action_string_formatting": "new",
+    }

@@ -1,0 +1,127 @@
+"""Flavors -> builds (the expanded matrix), matrix rules and shards."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from . import naming
+from .config import DEVICES, Flavor, MmdebstrapBase
+from .state import safe_id
+
+
+@dataclass(frozen=True)
+class Build:
+    """One row of the expanded flavor matrix."""
+
+    flavor: Flavor
+    variant: str
+    k3s_version: str | None
+    arch: str
+    device: str
+
+    @property
+    def version(self) -> str:
+        return naming.version_string(self.flavor.version, self.k3s_version)
+
+    @property
+    def stem(self) -> str:
+        f = self.flavor
+        return naming.stem(f.flavor, f.release, self.variant, self.arch, self.device, self.version)
+
+    @property
+    def image(self) -> str:
+        f = self.flavor
+        return naming.image_tag(f.registry, f.flavor, f.release, self.variant, self.arch, self.device,
+                                self.version)
+
+    @property
+    def platform(self) -> str:
+        return f"linux/{self.arch}"
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Artifact kinds this build produces (matrix rules applied)."""
+        out = []
+        for kind in self.flavor.artifacts:
+            if kind == "iso" and self.device != "generic":
+                continue  # ISOs are for generic devices only
+            if kind == "raw" and self.device == "generic" and not self.flavor.raw_generic:
+                continue  # raw images are for boards, generic only when asked
+            out.append(kind)
+        return tuple(out)
+
+    def files(self) -> dict[str, list[str]]:
+        return {kind: naming.artifact_files(self.stem, kind) for kind in self.kinds
+                if naming.artifact_files(self.stem, kind)}
+
+    @property
+    def base(self) -> "BaseSource":
+        return base_source(self.flavor, self.arch)
+
+
+@dataclass(frozen=True)
+class BaseSource:
+    """Where a build's base image comes from, identified for task names."""
+
+    ref: str                                  # registry reference that is resolved and pulled
+    ident: str                                # task-name-safe id of ref
+    mmdebstrap: MmdebstrapBase | None = None  # set when the ref is seeded by mmdebstrap
+    arch: str | None = None                   # arch of the mmdebstrap rootfs
+
+
+def base_source(flavor: Flavor, arch: str) -> BaseSource:
+    base = flavor.base_image
+    if isinstance(base, MmdebstrapBase):
+        opts = hashlib.sha256(json.dumps(base.options(), sort_keys=True).encode()).hexdigest()[:10]
+        host = flavor.registry.split("/", 1)[0]
+        ref = f"{host}/kairos-base/debian-mmdebstrap:{base.suite}-{base.variant}-{arch}-{opts}"
+        return BaseSource(ref=ref, ident=safe_id(f"mmdebstrap-{base.suite}-{base.variant}-{arch}-{opts}"),
+                          mmdebstrap=base, arch=arch)
+    return BaseSource(ref=base, ident=safe_id(base))
+
+
+def expand(flavors: tuple[Flavor, ...]) -> list[Build]:
+    """Every build of every flavor, in file order; arm64-only devices skip amd64."""
+    builds = []
+    for f in flavors:
+        for variant in f.variants:
+            k3s_list = f.k3s_versions if variant == "standard" else (None,)
+            for k3s in k3s_list:
+                for arch in f.arches:
+                    for device in f.devices:
+                        if arch not in DEVICES[device]:
+                            continue
+                        builds.append(Build(f, variant, k3s, arch, device))
+    return builds
+
+
+def duplicate_problems(builds: list[Build]) -> list[str]:
+    """Two flavor files that would write the same artifacts are an error."""
+    seen: dict[str, Build] = {}
+    problems = []
+    for b in builds:
+        other = seen.get(b.stem)
+        if other is not None:
+            problems.append(f"{b.flavor.path}: build {b.stem} is also produced by {other.flavor.path}")
+        else:
+            seen[b.stem] = b
+    return problems
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' (1-based) -> (I, N); raises ValueError with a readable message."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"shard must look like I/N, e.g. 2/4, got {text!r}") from None
+    if not (n >= 1 and 1 <= i <= n):
+        raise ValueError(f"shard {text!r}: need 1 <= I <= N")
+    return i, n
+
+
+def shard(builds: list[Build], index: int, count: int) -> list[Build]:
+    """Builds of shard index/count: round robin over the stems sorted, stable across runs."""
+    ordered = sorted(builds, key=lambda b: b.stem)
+    mine = {b.stem for k, b in enumerate(ordered) if k % count == index - 1}
+    return [b for b in builds if b.stem in mine]

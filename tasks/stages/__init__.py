@@ -1,0 +1,1 @@
+"""One module per graph node; each has pure builders and a `tasks(ctx)` generator."""

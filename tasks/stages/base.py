@@ -1,0 +1,92 @@
+"""bootstrap + seed: an offline base image from mmdebstrap, pushed to the local
+registry so it is resolved and pulled like any other base."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from doit.tools import config_changed
+
+from ..config import MmdebstrapBase
+from ..graph import Context, action
+from ..matrix import BaseSource
+from ..run import run, say
+from ..state import Paths, atomic_path, write_text_atomic
+from ..tools import docker
+
+STAGE_VERSION = 1
+
+
+def mmdebstrap_argv(base: MmdebstrapBase, arch: str, out: Path) -> list[str]:
+    """mmdebstrap command that writes a rootfs tarball (pure)."""
+    argv = ["mmdebstrap", f"--variant={base.variant}", f"--arch={arch}", "--format=tar",
+            f"--components={','.join(base.components)}"]
+    if base.include:
+        argv.append(f"--include={','.join(base.include)}")
+    argv += [base.suite, str(out), base.mirror]
+    return argv
+
+
+SEED_DOCKERFILE = 'FROM scratch\nADD rootfs.tar /\nCMD ["/bin/bash"]\n'
+
+
+def bootstrap(paths: Paths, src: BaseSource) -> None:
+    tar = paths.rootfs_tar(src.ident)
+    say(f"    mmdebstrap {src.mmdebstrap.suite} ({src.arch}) -> {tar}")
+    with atomic_path(tar) as tmp:
+        run(mmdebstrap_argv(src.mmdebstrap, src.arch, tmp), what=f"mmdebstrap {src.mmdebstrap.suite}")
+
+
+def seed(paths: Paths, src: BaseSource) -> None:
+    """Import the rootfs tarball as an image with the right arch and push it."""
+    ctx_dir = paths.context_dir(f"seed-{src.ident}")
+    shutil.rmtree(ctx_dir, ignore_errors=True)
+    ctx_dir.mkdir(parents=True)
+    try:
+        os.link(paths.rootfs_tar(src.ident), ctx_dir / "rootfs.tar")
+        (ctx_dir / "Dockerfile").write_text(SEED_DOCKERFILE)
+        cli = docker.find_build_cli()
+        iid = ctx_dir / "iid"
+        # a FROM scratch build sets the image's arch from --platform (docker import cannot)
+        run(docker.build_argv(cli, ctx_dir, src.ref, f"linux/{src.arch}", iid), env=cli.env(),
+            what=f"import {src.ident}")
+        digest = docker.push(src.ref)
+        write_text_atomic(paths.digest_file("seeded", src.ident), digest + "\n")
+    finally:
+        shutil.rmtree(ctx_dir, ignore_errors=True)
+
+
+def tasks(ctx: Context, kind: str):
+    seen = set()
+    for b in ctx.builds:
+        src = b.base
+        if src.mmdebstrap is None or src.ident in seen:
+            continue
+        seen.add(src.ident)
+        tar = ctx.paths.rootfs_tar(src.ident)
+        if kind == "bootstrap":
+            key = json.dumps({"argv": mmdebstrap_argv(src.mmdebstrap, src.arch, Path("OUT")),
+                              "stage": STAGE_VERSION}, sort_keys=True)
+            yield {
+                "name": src.ident,
+                "doc": f"mmdebstrap {src.mmdebstrap.suite} rootfs ({src.arch})",
+                "actions": [action(bootstrap, ctx.paths, src)],
+                "targets": [str(tar)],
+                "uptodate": [config_changed(key)],
+                "task_dep": ["preflight"],
+                "clean": True,
+                "verbosity": 2,
+            }
+        else:
+            yield {
+                "name": src.ident,
+                "doc": f"import the {src.mmdebstrap.suite} rootfs and push it as {src.ref}",
+                "actions": [action(seed, ctx.paths, src)],
+                "file_dep": [str(tar)],
+                "targets": [str(ctx.paths.digest_file("seeded", src.ident))],
+                "uptodate": [lambda ref=src.ref: docker.registry_has(ref)],
+                "clean": True,
+                "verbosity": 2,
+            }

@@ -1,0 +1,241 @@
+"""convert: base image -> Kairos image, by a generated Dockerfile built with BuildKit.
+
+Two converters:
+- kairos-init: the upstream pattern (kairos-init image as a build stage, bind-mounted
+  into `RUN /kairos-init -s install ...` then `-s init ...`);
+- builtin: for offline use; installs the distro's own kernel, initramfs-tools and
+  init with apt and writes /etc/kairos-release. It is not kairos-init and says so
+  in /etc/kairos-release (KAIROS_CONVERTER) and in the image labels.
+
+The conversion key: base digest + kairos-init digest (file_dep on their small
+digest files) + Dockerfile text, labels, overlay listing and STAGE_VERSION
+(config_changed) + overlay file contents (file_dep).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+from pathlib import Path
+
+from doit.tools import config_changed
+
+from ..config import parse_ref
+from ..graph import Context, action
+from ..matrix import Build
+from ..run import run, say
+from ..state import Paths, read_digest, safe_id, write_text_atomic
+from ..tools import docker
+from . import resolve
+
+STAGE_VERSION = 1
+DIGEST = "{digest}"  # placeholder in Dockerfile templates, filled at build time
+
+
+def kairos_init_flags(b: Build) -> list[str]:
+    """Flags for both kairos-init stages (pure). The variant is implied by -p."""
+    flags = ["-m", b.device, "-t", "true" if b.flavor.trusted_boot else "false"]
+    if b.k3s_version:
+        flags += ["-p", "k3s", "--provider-k3s-version", b.k3s_version]
+    if b.flavor.fips:
+        flags.append("--fips")
+    flags += ["--version", b.flavor.version]
+    return flags
+
+
+def _from_line(ref: str, digest: str, alias: str = "") -> str:
+    repo = parse_ref(ref)[0]
+    return f"FROM {repo}@{digest}" + (f" AS {alias}" if alias else "")
+
+
+def dockerfile_kairos_init(b: Build, base_digest: str, init_digest: str, overlay: bool) -> str:
+    """The upstream kairos-init Dockerfile pattern for one build (pure)."""
+    flags = " ".join(shlex.quote(f) for f in kairos_init_flags(b))
+    lines = [
+        _from_line(b.flavor.kairos_init_image, init_digest, "kairos-init"),
+        _from_line(b.base.ref, base_digest, "base-kairos"),
+    ]
+    if overlay:
+        lines.append("COPY overlay/ /")
+    lines += [
+        "RUN --mount=type=bind,from=kairos-init,src=/kairos-init,dst=/kairos-init \\",
+        f"    /kairos-init -l debug -s install {flags} && \\",
+        f"    /kairos-init -l debug -s init {flags}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def builtin_script(b: Build) -> str:
+    """Shell run inside the image by the builtin converter (pure)."""
+    packages = " ".join(b.flavor.builtin.packages)
+    return "\n".join([
+        "set -eu",
+        "if ! command -v apt-get >/dev/null 2>&1; then",
+        "  echo 'builtin converter: apt-get not found; it supports Debian and Ubuntu bases only' >&2; exit 1",
+        "fi",
+        ". /etc/os-release",
+        'case "$ID" in ubuntu) kernel=linux-image-generic ;; *) kernel="linux-image-$(dpkg --print-architecture)" ;; esac',
+        "mkdir -p /etc/initramfs-tools/conf.d",
+        f"echo 'MODULES={b.flavor.builtin.initramfs_modules}' > /etc/initramfs-tools/conf.d/kairos-modules.conf",
+        "export DEBIAN_FRONTEND=noninteractive",
+        "apt-get update",
+        f'apt-get install -y --no-install-recommends "$kernel" initramfs-tools systemd-sysv {packages}'.rstrip(),
+        "apt-get clean",
+        "rm -rf /var/lib/apt/lists/*",
+        "cd /boot",
+        "k=$(ls -1 vmlinuz-* | sort -V | tail -n 1)",
+        'ln -sf "$k" vmlinuz',
+        'ln -sf "initrd.img-${k#vmlinuz-}" initrd',
+        'test -s "initrd.img-${k#vmlinuz-}"',
+    ]) + "\n"
+
+
+def kairos_release(b: Build) -> str:
+    """/etc/kairos-release written by the builtin converter (pure)."""
+    f = b.flavor
+    values = {
+        "KAIROS_ID": "kairos",
+        "KAIROS_NAME": f"kairos-{b.variant}-{f.flavor}-{f.release}",
+        "KAIROS_VERSION": b.version,
+        "KAIROS_RELEASE": f.version,
+        "KAIROS_FLAVOR": f.flavor,
+        "KAIROS_FLAVOR_RELEASE": f.release,
+        "KAIROS_VARIANT": b.variant,
+        "KAIROS_MODEL": b.device,
+        "KAIROS_ARCH": b.arch,
+        "KAIROS_TARGETARCH": b.arch,
+        "KAIROS_ARTIFACT": b.stem,
+        "KAIROS_IMAGE_REPO": b.image,
+        "KAIROS_CONVERTER": "builtin (kairos-doit offline converter, not kairos-init)",
+    }
+    if b.k3s_version:
+        values["KAIROS_SOFTWARE_VERSION"] = b.k3s_version
+        values["KAIROS_SOFTWARE_VERSION_PREFIX"] = "k3s"
+    return "".join(f'{k}="{v}"\n' for k, v in values.items())
+
+
+def dockerfile_builtin(b: Build, base_digest: str, overlay: bool) -> str:
+    """The builtin converter's Dockerfile (pure)."""
+    lines = [_from_line(b.base.ref, base_digest)]
+    if overlay:
+        lines.append("COPY overlay/ /")
+    lines += [
+        "COPY builtin-convert.sh /tmp/builtin-convert.sh",
+        "RUN sh /tmp/builtin-convert.sh && rm -f /tmp/builtin-convert.sh",
+        "COPY kairos-release /etc/kairos-release",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def dockerfile(b: Build, base_digest: str, init_digest: str | None) -> str:
+    overlay = b.flavor.overlay is not None
+    if b.flavor.converter == "kairos-init":
+        return dockerfile_kairos_init(b, base_digest, init_digest or DIGEST, overlay)
+    return dockerfile_builtin(b, base_digest, overlay)
+
+
+def labels(b: Build) -> dict[str, str]:
+    """OCI and Kairos labels of the converted image (pure, no timestamps: reproducible key)."""
+    f = b.flavor
+    out = {
+        "org.opencontainers.image.title": b.stem,
+        "org.opencontainers.image.version": b.version,
+        "org.opencontainers.image.ref.name": b.image,
+        "org.opencontainers.image.base.name": b.base.ref,
+        "io.kairos.flavor": f.flavor,
+        "io.kairos.flavor-release": f.release,
+        "io.kairos.variant": b.variant,
+        "io.kairos.arch": b.arch,
+        "io.kairos.model": b.device,
+        "io.kairos.version": f.version,
+        "io.kairos.converter": f.converter,
+    }
+    if b.k3s_version:
+        out["io.kairos.software-version"] = b.k3s_version
+    if f.kairos_init_image:
+        out["io.kairos.kairos-init"] = f.kairos_init_image
+    return out
+
+
+def overlay_files(overlay: Path | None) -> tuple[list[str], list[list]]:
+    """(regular files for file_dep, listing with modes and link targets for the key)."""
+    if overlay is None:
+        return [], []
+    files, listing = [], []
+    for top, dirs, names in os.walk(overlay):
+        dirs.sort()
+        for name in sorted(dirs + names):
+            path = Path(top) / name
+            st = path.lstat()
+            rel = str(path.relative_to(overlay))
+            if path.is_symlink():
+                listing.append([rel, "link", os.readlink(path)])
+            elif path.is_dir():
+                listing.append([rel, "dir", oct(st.st_mode & 0o7777)])
+            else:
+                listing.append([rel, "file", oct(st.st_mode & 0o7777)])
+                files.append(str(path))
+    return files, listing
+
+
+def init_ident(b: Build) -> str | None:
+    return safe_id(b.flavor.kairos_init_image) if b.flavor.kairos_init_image else None
+
+
+def image_file(paths: Paths, b: Build) -> Path:
+    return paths.digest_file("image", b.stem)
+
+
+def convert(paths: Paths, b: Build) -> None:
+    base_digest = read_digest(resolve.pulled_file(paths, b.base.ident, b.arch))
+    resolve.ensure_local(b.base.ref, base_digest, b.arch)
+    init_digest = None
+    if b.flavor.converter == "kairos-init":
+        ident = init_ident(b)
+        init_digest = read_digest(resolve.pulled_file(paths, ident, b.arch))
+        resolve.ensure_local(b.flavor.kairos_init_image, init_digest, b.arch)
+
+    ctx_dir = paths.context_dir(b.stem)
+    shutil.rmtree(ctx_dir, ignore_errors=True)
+    ctx_dir.mkdir(parents=True)
+    (ctx_dir / "Dockerfile").write_text(dockerfile(b, base_digest, init_digest))
+    if b.flavor.overlay is not None:
+        shutil.copytree(b.flavor.overlay, ctx_dir / "overlay", symlinks=True)
+    if b.flavor.converter == "builtin":
+        (ctx_dir / "builtin-convert.sh").write_text(builtin_script(b))
+        (ctx_dir / "kairos-release").write_text(kairos_release(b))
+    cli = docker.find_build_cli()
+    iid = ctx_dir / "iid"
+    all_labels = dict(labels(b), **{"org.opencontainers.image.base.digest": base_digest})
+    say(f"    docker build ({b.flavor.converter}, {b.platform}) -> {b.image}")
+    run(docker.build_argv(cli, ctx_dir, b.image, b.platform, iid, all_labels), env=cli.env(), show=True,
+        what=f"convert {b.stem}")
+    image = docker.read_iidfile(iid)
+    write_text_atomic(image_file(paths, b), image + "\n")
+    say(f"    {b.image} = {image}")
+
+
+def tasks(ctx: Context):
+    for b in ctx.builds:
+        files, listing = overlay_files(b.flavor.overlay)
+        deps = [str(resolve.pulled_file(ctx.paths, b.base.ident, b.arch))]
+        if b.flavor.converter == "kairos-init":
+            deps.append(str(resolve.pulled_file(ctx.paths, init_ident(b), b.arch)))
+        key = json.dumps({
+            "dockerfile": dockerfile(b, DIGEST, DIGEST),
+            "script": builtin_script(b) if b.flavor.converter == "builtin" else "",
+            "release": kairos_release(b) if b.flavor.converter == "builtin" else "",
+            "labels": labels(b), "platform": b.platform, "tag": b.image,
+            "overlay": listing, "stage": STAGE_VERSION,
+        }, sort_keys=True)
+        yield {
+            "name": b.stem,
+            "doc": f"convert {b.base.ref} ({b.platform}) with {b.flavor.converter} into {b.image}",
+            "actions": [action(convert, ctx.paths, b)],
+            "file_dep": deps + files,
+            "targets": [str(image_file(ctx.paths, b))],
+            "uptodate": [config_changed(key)],
+            "clean": True,
+            "verbosity": 2,
+        }

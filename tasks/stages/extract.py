@@ -1,0 +1,161 @@
+"""kernel, initrd, squashfs: files taken out of the converted image.
+
+- `<stem>-kernel` / `<stem>-initrd`: from the image's /boot (Kairos layout
+  /boot/vmlinuz and /boot/initrd first, then versioned names), symlinks followed;
+- `<stem>.squashfs`: the image's root filesystem (docker export -> tar -> mksquashfs).
+Each also writes `<file>.sha256`. Outputs are renamed into place when complete.
+"""
+from __future__ import annotations
+
+import posixpath
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
+from ..config import SquashfsOptions
+from ..graph import Context, action
+from ..matrix import Build
+from ..run import KairosError, run, say
+from ..state import Paths, atomic_path, clean_partials, partial_name, write_checksum
+from ..tools import docker
+from .convert import image_file
+from .push import ensure_image, pushed_file
+
+KERNEL_NAMES = ("vmlinuz", "kernel", "Image", "bzImage")
+KERNEL_GLOBS = (r"vmlinuz-.+", r"Image-.+", r"vmlinux-.+", r"kernel-.+")
+INITRD_NAMES = ("initrd", "initrd.img", "initramfs.img", "initramfs")
+INITRD_GLOBS = (r"initrd\.img-.+", r"initramfs-.+\.img", r"initrd-.+", r"initramfs-.+")
+
+
+def _version_key(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def pick_boot_file(entries: dict[str, tuple[str, str]], kind: str) -> str | None:
+    """Choose the kernel or initrd among /boot entries (pure).
+
+    ``entries`` maps a name relative to /boot to (type, link target) with type
+    "file", "link" or "dir". Returns the resolved regular file name or None.
+    """
+    names, globs = (KERNEL_NAMES, KERNEL_GLOBS) if kind == "kernel" else (INITRD_NAMES, INITRD_GLOBS)
+    candidates = [n for n in names if n in entries]
+    for pattern in globs:
+        matched = sorted((n for n in entries if re.fullmatch(pattern, n) and "/" not in n),
+                         key=_version_key, reverse=True)
+        candidates += [m for m in matched if m not in candidates]
+    for name in candidates:
+        resolved = _resolve(entries, name)
+        if resolved is not None and not (kind == "kernel" and resolved.startswith("initrd")):
+            return resolved
+    return None
+
+
+def _resolve(entries: dict[str, tuple[str, str]], name: str) -> str | None:
+    for _ in range(10):
+        kind, target = entries.get(name, ("missing", ""))
+        if kind == "file":
+            return name
+        if kind != "link":
+            return None
+        if target.startswith("/"):
+            target = target[len("/boot/"):] if target.startswith("/boot/") else "\0"
+        else:
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
+        name = target
+    return None
+
+
+def _boot_entries(tar: tarfile.TarFile) -> dict[str, tuple[str, str]]:
+    entries = {}
+    for m in tar.getmembers():
+        parts = m.name.split("/", 1)
+        if len(parts) != 2 or parts[0] != "boot" or not parts[1]:
+            continue
+        kind = "file" if m.isfile() else "link" if m.issym() else "dir" if m.isdir() else "other"
+        entries[parts[1]] = (kind, m.linkname)
+    return entries
+
+
+def extract_boot_file(paths: Paths, b: Build, kind: str, out: Path) -> None:
+    image = ensure_image(paths, b)
+    container = docker.client().containers.create(image, command=["/kairos-extract"])
+    tmp_tar = partial_name(paths.tmp_dir() / f"{b.stem}-boot.tar")
+    tmp_tar.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        try:
+            stream, _ = container.get_archive("/boot")
+        except Exception as exc:  # noqa: BLE001 - docker.errors.NotFound and friends
+            raise KairosError(f"image {b.image} has no /boot: {exc}") from None
+        with open(tmp_tar, "wb") as fh:
+            for chunk in stream:
+                fh.write(chunk)
+        with tarfile.open(tmp_tar) as tar:
+            entries = _boot_entries(tar)
+            name = pick_boot_file(entries, kind)
+            if name is None:
+                wanted = ", ".join((KERNEL_NAMES if kind == "kernel" else INITRD_NAMES)[:3])
+                listing = ", ".join(sorted(entries)) or "nothing"
+                raise KairosError(f"no {kind} in /boot of {b.image} (looked for {wanted} and versioned "
+                                  f"names; /boot holds: {listing})")
+            member = tar.getmember(f"boot/{name}")
+            with atomic_path(out) as tmp, tar.extractfile(member) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        say(f"    {kind}: /boot/{name} -> {out.name} ({out.stat().st_size} bytes)")
+        write_checksum(out)
+    finally:
+        tmp_tar.unlink(missing_ok=True)
+        container.remove(force=True)
+
+
+def mksquashfs_argv(source: Path, out: Path, opts: SquashfsOptions, arch: str) -> list[str]:
+    """mksquashfs command (pure): Kairos ISOs use a 1024k block size."""
+    argv = ["mksquashfs", str(source), str(out), "-noappend", "-no-xattrs", "-comp", opts.compression,
+            "-b", opts.block_size]
+    if opts.compression == "xz" and arch == "amd64":
+        argv += ["-Xbcj", "x86"]
+    return argv
+
+
+def squashfs(paths: Paths, b: Build, out: Path) -> None:
+    image = ensure_image(paths, b)
+    rootfs = partial_name(paths.tmp_dir() / f"{b.stem}-rootfs")
+    clean_partials(paths.tmp_dir() / f"{b.stem}-rootfs")
+    rootfs.mkdir(parents=True)
+    container = docker.client().containers.create(image, command=["/kairos-extract"])
+    try:
+        say(f"    exporting the root filesystem of {b.image}")
+        run(["tar", "-x", "--numeric-owner", "-p", "-C", str(rootfs), "-f", "-"],
+            feed=container.export(chunk_size=1 << 20), what=f"unpack {b.image}")
+        (rootfs / ".dockerenv").unlink(missing_ok=True)
+        say(f"    mksquashfs ({b.flavor.squashfs.compression}) -> {out.name}")
+        with atomic_path(out) as tmp:
+            run(mksquashfs_argv(rootfs, tmp, b.flavor.squashfs, b.arch), what=f"mksquashfs {out.name}")
+        write_checksum(out)
+        say(f"    {out.name}: {out.stat().st_size} bytes")
+    finally:
+        container.remove(force=True)
+        shutil.rmtree(rootfs, ignore_errors=True)
+
+
+def output(paths: Paths, b: Build, suffix: str) -> Path:
+    return paths.version_dir(b.flavor.version) / (b.stem + suffix)
+
+
+def tasks(ctx: Context, kind: str):
+    suffix = {"kernel": "-kernel", "initrd": "-initrd", "squashfs": ".squashfs"}[kind]
+    for b in ctx.builds:
+        if kind not in b.kinds:
+            continue
+        out = output(ctx.paths, b, suffix)
+        act = action(squashfs, ctx.paths, b, out) if kind == "squashfs" else \
+            action(extract_boot_file, ctx.paths, b, kind, out)
+        yield {
+            "name": b.stem,
+            "doc": f"{out.name} from {b.image}",
+            "actions": [act],
+            "file_dep": [str(image_file(ctx.paths, b)), str(pushed_file(ctx.paths, b))],
+            "targets": [str(out), str(out) + ".sha256"],
+            "clean": True,
+            "verbosity": 2,
+        }

@@ -1,0 +1,83 @@
+"""resolve + pull: base and kairos-init references -> digests -> local images.
+
+resolve always runs (cheap) and rewrites its small digest file only when the
+registry's digest changed, so everything downstream reruns exactly then.
+"""
+from __future__ import annotations
+
+from ..config import parse_ref
+from ..graph import Context, action
+from ..run import KairosError
+from ..state import Paths, read_digest, safe_id, write_if_changed, write_text_atomic
+from ..tools import docker
+
+
+def refs(ctx: Context) -> dict[str, tuple[str, set[str], str | None]]:
+    """ident -> (reference, arches it is needed for, seeding task or None)."""
+    out: dict[str, tuple[str, set[str], str | None]] = {}
+    for b in ctx.builds:
+        src = b.base
+        wanted = [(src.ident, src.ref, f"seed:{src.ident}" if src.mmdebstrap else None)]
+        if b.flavor.kairos_init_image:
+            ref = b.flavor.kairos_init_image
+            wanted.append((safe_id(ref), ref, None))
+        for ident, ref, seed in wanted:
+            out.setdefault(ident, (ref, set(), seed))[1].add(b.arch)
+    return out
+
+
+def resolve(paths: Paths, ident: str, ref: str) -> None:
+    _, _, pinned = parse_ref(ref)
+    digest = pinned or docker.registry_digest(ref)
+    if write_if_changed(paths.digest_file("resolved", ident), digest + "\n"):
+        print(f"    {ref} -> {digest} (changed)")
+
+
+def ensure_local(ref: str, digest: str, arch: str) -> str:
+    """Make sure the daemon has ``repo@digest`` for ``arch``; return its image ID."""
+    repo = parse_ref(ref)[0]
+    pinned = f"{repo}@{digest}"
+    if docker.image_id(pinned) and docker.image_arch(pinned) == arch:
+        return docker.image_id(pinned)
+    found = docker.pull(repo, digest, f"linux/{arch}")
+    if docker.image_arch(pinned) != arch:
+        raise KairosError(f"{pinned} has no linux/{arch} image (got {docker.image_arch(pinned)})")
+    return found
+
+
+def pulled_file(paths: Paths, ident: str, arch: str):
+    return paths.digest_file("pulled", f"{ident}-{arch}")
+
+
+def pull(paths: Paths, ident: str, ref: str, arch: str) -> None:
+    digest = read_digest(paths.digest_file("resolved", ident))
+    ensure_local(ref, digest, arch)
+    write_text_atomic(pulled_file(paths, ident, arch), digest + "\n")
+
+
+def resolve_tasks(ctx: Context):
+    for ident, (ref, _arches, seed) in sorted(refs(ctx).items()):
+        yield {
+            "name": ident,
+            "doc": f"look up the digest of {ref}",
+            "actions": [action(resolve, ctx.paths, ident, ref)],
+            "targets": [str(ctx.paths.digest_file("resolved", ident))],
+            "uptodate": [False],
+            "task_dep": ["preflight"] + ([seed] if seed else []),
+            "clean": True,
+            "verbosity": 2,
+        }
+
+
+def pull_tasks(ctx: Context):
+    for ident, (ref, arches, _seed) in sorted(refs(ctx).items()):
+        for arch in sorted(arches):
+            yield {
+                "name": f"{ident}-{arch}",
+                "doc": f"pull {ref} by digest for linux/{arch}",
+                "actions": [action(pull, ctx.paths, ident, ref, arch)],
+                "file_dep": [str(ctx.paths.digest_file("resolved", ident))],
+                "targets": [str(pulled_file(ctx.paths, ident, arch))],
+                "clean": True,
+                "verbosity": 2,
+            }

@@ -1,0 +1,130 @@
+"""Where things live: the state directory (doit DB, digests, build contexts) and
+the outputs directory, plus atomic writes.
+
+Everything incremental lives under one state directory so CI can cache and
+restore it as a unit. Nothing here touches Docker or a registry.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+TMP_MARK = ".partial-"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The state and output directories of one pipeline run."""
+
+    state: Path
+    outputs: Path
+
+    @classmethod
+    def from_env(cls, root: Path) -> "Paths":
+        state = Path(os.environ.get("KAIROS_STATE") or root / ".state")
+        outputs = Path(os.environ.get("KAIROS_OUTPUTS") or root / "outputs")
+        return cls(state.absolute(), outputs.absolute())
+
+    @property
+    def dep_file(self) -> Path:
+        return self.state / "doit.db"
+
+    def digest_file(self, kind: str, ident: str) -> Path:
+        """Small file holding one digest/ID: the thing downstream tasks depend on."""
+        return self.state / kind / f"{ident}.digest"
+
+    def context_dir(self, stem: str) -> Path:
+        return self.state / "build" / stem
+
+    def rootfs_tar(self, ident: str) -> Path:
+        return self.state / "rootfs" / f"{ident}.tar"
+
+    def tmp_dir(self) -> Path:
+        return self.state / "tmp"
+
+    def version_dir(self, version: str) -> Path:
+        return self.outputs / version
+
+
+def partial_name(path: Path) -> Path:
+    """The temp name an output is written under before it is renamed into place.
+
+    It starts with a dot and carries a marker, so a killed build never leaves a
+    file under the final name and the leftover is easy to recognise and clean.
+    """
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def clean_partials(path: Path) -> None:
+    """Remove leftovers of earlier killed attempts at writing ``path``."""
+    prefix = f".{path.name}{TMP_MARK}"
+    if path.parent.is_dir():
+        for leftover in path.parent.iterdir():
+            if leftover.name.startswith(prefix):
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temp path next to ``path``; rename it into place on success only."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_partials(path)
+    tmp = partial_name(path)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"step produced no file at {tmp}")
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_if_changed(path: Path, text: str) -> bool:
+    """Write ``text`` only when it differs, so doit sees no change otherwise."""
+    path = Path(path)
+    if path.exists() and path.read_text() == text:
+        return False
+    write_text_atomic(path, text)
+    return True
+
+
+def read_digest(path: Path) -> str:
+    return Path(path).read_text().strip()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksum(path: Path) -> Path:
+    """Write ``<file>.sha256`` in sha256sum format with the bare file name."""
+    path = Path(path)
+    out = path.with_name(path.name + ".sha256")
+    write_text_atomic(out, f"{sha256_file(path)}  {path.name}\n")
+    return out
+
+
+def safe_id(text: str) -> str:
+    """A file- and task-name-safe identifier for a reference or option set."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")

@@ -1,0 +1,1 @@
+"""Thin clients for programs used by several stages."""

@@ -1,0 +1,247 @@
+"""Session fixtures for the integration tests: the real Docker engine, the local
+registry on 127.0.0.1:5000, a minimal Debian rootfs base image and a kairos-init
+STAND-IN image (a shell script that records its flags; it is not kairos-init).
+
+Expensive things are built once per session; the mmdebstrap rootfs tarball is
+cached under /var/tmp/kairos-test-cache and reused across runs when present.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import textwrap
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import docker
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+REGISTRY = "127.0.0.1:5000"
+CACHE = Path(os.environ.get("KAIROS_TEST_CACHE", "/var/tmp/kairos-test-cache"))
+ALWAYS_RUN = ("preflight", "resolve:")
+
+STANDIN_SCRIPT = r"""#!/bin/sh
+# TEST STAND-IN for kairos-init: it is NOT kairos-init. It records the flags it
+# was given (one line per call) and writes a minimal /etc/kairos-release.
+set -e
+echo "$*" >> /var/log/kairos-init-standin.log
+stage=""; version=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -s|--stage) stage="$2"; shift 2 ;;
+    -v|--version) version="$2"; shift 2 ;;
+    *) shift ;;
+  esac
+done
+if [ "$stage" = init ]; then
+  printf 'KAIROS_VERSION="%s"\nKAIROS_CONVERTER="kairos-init-standin (test stand-in, not kairos-init)"\n' \
+    "$version" > /etc/kairos-release
+fi
+"""
+
+
+@dataclass
+class Result:
+    rc: int
+    out: str
+    err: str
+
+    @property
+    def executed(self) -> list[str]:
+        return [l[3:].strip() for l in self.out.splitlines() if l.startswith(".  ")]
+
+    @property
+    def build_actions(self) -> set[str]:
+        """Executed tasks other than the cheap always-run ones."""
+        return {t for t in self.executed if not t.startswith(ALWAYS_RUN)}
+
+
+@dataclass
+class Workspace:
+    root: Path
+    ns: str
+    env: dict = field(default_factory=dict)
+
+    @property
+    def flavors(self) -> Path:
+        return self.root / "flavors"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def outputs(self) -> Path:
+        return self.root / "outputs"
+
+    def doit(self, *args: str, env: dict | None = None, flavors: Path | None = None,
+             state: Path | None = None, outputs: Path | None = None, timeout: int = 1800) -> Result:
+        full = dict(os.environ)
+        full.update({"KAIROS_FLAVORS": str(flavors or self.flavors), "KAIROS_STATE": str(state or self.state),
+                     "KAIROS_OUTPUTS": str(outputs or self.outputs)})
+        full.update(env or {})
+        proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), *args],
+                              capture_output=True, text=True, env=full, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+        result = Result(proc.returncode, proc.stdout, proc.stderr)
+        print(f"$ doit {' '.join(args)} -> {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        return result
+
+
+def _build_push(client, files: dict[str, tuple[bytes, int]], dockerfile: str, tags: list[str]) -> str:
+    """Build a tiny image with the legacy builder from in-memory files; push all tags."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, (data, mode) in {**files, "Dockerfile": (dockerfile.encode(), 0o644)}.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), mode
+            tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    image, _ = client.images.build(fileobj=buf, custom_context=True, tag=tags[0], rm=True)
+    for t in tags:
+        repo, _, name = t.rpartition(":")
+        image.tag(repo, name)
+        for line in client.api.push(repo, tag=name, stream=True, decode=True):
+            assert "error" not in line, line
+    return image.id
+
+
+@pytest.fixture(scope="session")
+def engine():
+    try:
+        client = docker.from_env(timeout=600)
+        client.ping()
+        urllib.request.urlopen(f"http://{REGISTRY}/v2/", timeout=5).close()
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"Docker engine or local registry not available ({exc}); run: bash ci/setup.sh")
+    return client
+
+
+@pytest.fixture(scope="session")
+def ns(engine) -> str:
+    """A registry namespace of this test session."""
+    return f"{REGISTRY}/it-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def rootfs_tar() -> Path:
+    """Minimal Debian bookworm rootfs (mmdebstrap minbase), cached across runs."""
+    tar = CACHE / "bookworm-minbase-amd64.tar"
+    if not tar.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        partial = tar.with_name(tar.name + ".partial")
+        subprocess.run(["mmdebstrap", "--variant=minbase", "--arch=amd64", "--format=tar", "bookworm",
+                        str(partial), "http://deb.debian.org/debian"], check=True, stdin=subprocess.DEVNULL)
+        partial.rename(tar)
+    return tar
+
+
+@pytest.fixture(scope="session")
+def bases(engine, ns, rootfs_tar, tmp_path_factory) -> dict[str, str]:
+    """Two base tags (same content) in the local registry, built from the rootfs."""
+    ctx = tmp_path_factory.mktemp("base")
+    os.link(rootfs_tar, ctx / "rootfs.tar")
+    (ctx / "Dockerfile").write_text("FROM scratch\nADD rootfs.tar /\nCMD [\"/bin/bash\"]\n")
+    refs = {"a": f"{ns}/base-a:1", "b": f"{ns}/base-b:1"}
+    image, _ = engine.images.build(path=str(ctx), tag=refs["a"], rm=True)
+    for ref in refs.values():
+        repo, _, name = ref.rpartition(":")
+        image.tag(repo, name)
+        for line in engine.api.push(repo, tag=name, stream=True, decode=True):
+            assert "error" not in line, line
+    return refs
+
+
+@pytest.fixture(scope="session")
+def standin(engine, ns) -> str:
+    ref = f"{ns}/kairos-init-standin:v0"
+    _build_push(engine, {"kairos-init": (STANDIN_SCRIPT.encode(), 0o755)},
+                "FROM scratch\nCOPY kairos-init /kairos-init\n", [ref])
+    return ref
+
+
+def write_flavor(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip())
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory, ns, bases, standin) -> Workspace:
+    """Three flavors: a (kairos-init stand-in, core + standard), b (stand-in, core),
+    c (mmdebstrap base + builtin converter: kernel, initrd, squashfs)."""
+    root = tmp_path_factory.mktemp("ws")
+    ws = Workspace(root=root, ns=ns)
+    for name in ("a", "b"):
+        (root / "flavors" / f"overlay-{name}" / "etc").mkdir(parents=True)
+        (root / "flavors" / f"overlay-{name}" / "etc" / f"overlay-{name}.conf").write_text(f"flavor {name}\n")
+    write_flavor(ws.flavors / "a.yaml", f"""
+        flavor: standina
+        release: "1"
+        base_image: {bases['a']}
+        version: v3.1.0
+        variants: [core, standard]
+        k3s_versions: [v1.28.2+k3s1]
+        arches: [amd64]
+        devices: [generic]
+        converter: kairos-init
+        kairos_init_image: {standin}
+        registry: {ns}/kairos
+        artifacts: [squashfs]
+        overlay: overlay-a
+        squashfs: {{compression: lz4}}
+        """)
+    write_flavor(ws.flavors / "b.yaml", f"""
+        flavor: standinb
+        release: "1"
+        base_image: {bases['b']}
+        version: v3.1.0
+        variants: [core]
+        arches: [amd64]
+        devices: [generic]
+        converter: kairos-init
+        kairos_init_image: {standin}
+        registry: {ns}/kairos
+        artifacts: [squashfs]
+        overlay: overlay-b
+        squashfs: {{compression: lz4}}
+        """)
+    write_flavor(ws.flavors / "c.yaml", f"""
+        flavor: debian
+        release: "12"
+        base_image:
+          mmdebstrap: {{suite: bookworm}}
+        version: v3.1.0
+        variants: [core]
+        arches: [amd64]
+        devices: [generic]
+        converter: builtin
+        builtin: {{initramfs_modules: list}}
+        registry: {ns}/kairos
+        artifacts: [kernel, initrd, squashfs]
+        squashfs: {{compression: lz4}}
+        """)
+    return ws
+
+
+@pytest.fixture(scope="session")
+def first_run(workspace) -> Result:
+    result = workspace.doit()
+    assert result.rc == 0, result.err
+    return result
+
+
+def copy_flavors(ws: Workspace, dest: Path, names: list[str]) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(ws.flavors / name, dest / name)
+    for overlay in ws.flavors.glob("overlay-*"):
+        if not (dest / overlay.name).exists():
+            shutil.copytree(overlay, dest / overlay.name)
+    return dest

@@ -1,0 +1,84 @@
+"""The doit task graph for the real-world flavors (flavors/upstream), built
+without Docker or network: names, dependencies on small digest files only."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks import graph
+from tasks.stages import convert, extract, push, resolve
+
+REPO = Path(__file__).resolve().parents[1]
+UPSTREAM = REPO / "flavors" / "upstream"
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    os.environ["KAIROS_STATE"] = str(tmp_path_factory.mktemp("state"))
+    try:
+        return graph.load(REPO, str(UPSTREAM))
+    finally:
+        del os.environ["KAIROS_STATE"]
+
+
+@pytest.fixture(scope="module")
+def listed(tmp_path_factory) -> set[str]:
+    """`doit list --all` against a daemon address that does not exist: loading
+    the graph must not need Docker or a registry."""
+    env = dict(os.environ, KAIROS_FLAVORS=str(UPSTREAM), KAIROS_STATE=str(tmp_path_factory.mktemp("st")),
+               DOCKER_HOST="unix:///nonexistent/docker.sock")
+    proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "list", "--all",
+                           "--quiet"], capture_output=True, text=True, env=env, check=True)
+    return set(proc.stdout.split())
+
+
+def test_every_build_has_its_stage_subtasks(ctx, listed):
+    assert len(ctx.builds) == 24
+    for b in ctx.builds:
+        for stage in ("convert", "push", "kernel", "initrd", "squashfs", "sbom", "trivy", "grype", "sign",
+                      "ipxe", "build"):
+            assert f"{stage}:{b.stem}" in listed
+        assert (f"iso:{b.stem}" in listed) == (b.device == "generic")
+        assert (f"raw:{b.stem}" in listed) == (b.device == "rpi4")
+    assert "iso:kairos-ubuntu-24.04-core-amd64-generic-v3.1.0" in listed
+    assert "raw:kairos-ubuntu-24.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2+k3s1" in listed
+    assert not any("amd64-rpi" in name for name in listed)
+
+
+def test_one_resolve_per_reference_and_one_pull_per_arch(ctx, listed):
+    resolves = sorted(n for n in listed if n.startswith("resolve:"))
+    # 5 distinct bases + the one kairos-init image they share
+    assert len(resolves) == 6
+    assert "resolve:quay.io-kairos-kairos-init-v0.5.20" in resolves
+    pulls = {n for n in listed if n.startswith("pull:")}
+    assert "pull:ubuntu-24.04-arm64" in pulls and "pull:fedora-42-amd64" in pulls
+    assert "pull:fedora-42-arm64" not in pulls  # fedora flavor is amd64 only
+    for task in resolve.resolve_tasks(ctx):
+        assert task["uptodate"] == [False]
+
+
+def test_conversion_depends_on_small_digest_files_only(ctx):
+    tasks = {t["name"]: t for t in convert.tasks(ctx)}
+    b = next(b for b in ctx.builds if b.stem == "kairos-ubuntu-24.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2+k3s1")
+    task = tasks[b.stem]
+    state = ctx.paths.state
+    assert task["file_dep"] == [str(state / "pulled" / "ubuntu-24.04-arm64.digest"),
+                                str(state / "pulled" / "quay.io-kairos-kairos-init-v0.5.20-arm64.digest")]
+    assert task["targets"] == [str(state / "image" / f"{b.stem}.digest")]
+    for t in list(extract.tasks(ctx, "squashfs")) + list(push.tasks(ctx)):
+        assert all(dep.startswith(str(state)) and dep.endswith(".digest") for dep in t["file_dep"]), t["name"]
+
+
+def test_conversion_key_changes_with_one_flag(ctx):
+    """The config_changed key differs when one flag differs, and only for that build."""
+    from dataclasses import replace
+    from tasks.matrix import Build
+
+    b = ctx.builds[0]
+    fips = Build(replace(b.flavor, fips=True), b.variant, b.k3s_version, b.arch, b.device)
+    assert convert.dockerfile(b, "D", "D") != convert.dockerfile(fips, "D", "D")
+    assert convert.kairos_init_flags(fips)[-3:] == ["--fips", "--version", "v3.1.0"]
