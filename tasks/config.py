@@ -100,9 +100,11 @@ class Flavor:
 # --- YAML loading with line numbers and duplicate-key detection -------------
 
 class _Map(dict):
-    """A mapping that remembers the line of each key (1-based)."""
+    """A mapping that remembers the line of each key (1-based) and the source
+    text of scalar values (so messages quote what the user wrote)."""
 
     lines: dict
+    raw: dict
 
 
 class _Loader(yaml.SafeLoader):
@@ -112,6 +114,7 @@ class _Loader(yaml.SafeLoader):
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Map:
     result = _Map()
     result.lines = {}
+    result.raw = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, (str, int, float, bool)) or key is None:
@@ -122,6 +125,8 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Map:
                 None, None, f"duplicate key {key!r}", key_node.start_mark)
         result[key] = loader.construct_object(value_node, deep=True)
         result.lines[key] = key_node.start_mark.line + 1
+        if isinstance(value_node, yaml.ScalarNode):
+            result.raw[key] = value_node.value
     return result
 
 
@@ -166,7 +171,8 @@ class _Checker:
             return default
         value = mapping[key]
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            self.problem(keypath, f"must be a string, got number {value!r}; quote it, e.g. \"{value}\"",
+            text = getattr(mapping, "raw", {}).get(key, str(value))
+            self.problem(keypath, f"must be a string, got number {text}; quote it, e.g. \"{text}\"",
                          mapping, key)
             return None
         if not isinstance(value, str):
@@ -356,7 +362,7 @@ def _check_doc(path: Path, doc: Any, problems: list[str]) -> Flavor | None:
     if converter == "kairos-init":
         if "kairos_init_image" not in doc:
             problems.append(f"{path}: kairos_init_image: required when converter is kairos-init "
-                            "(e.g. quay.io/kairos/kairos-init:v0.5.20)")
+                            "(e.g. quay.io/kairos/kairos-init:v4.3.0)")
         elif kairos_init is not None:
             if not REF_RE.match(kairos_init):
                 c.problem("kairos_init_image", f"not an image reference: {kairos_init!r}")

@@ -44,8 +44,8 @@ class Build:
         """Artifact kinds this build produces (matrix rules applied)."""
         out = []
         for kind in self.flavor.artifacts:
-            if kind == "iso" and self.device != "generic":
-                continue  # ISOs are for generic devices only
+            if kind in ("iso", "ipxe") and self.device != "generic":
+                continue  # ISOs and netboot files are for generic devices only
             if kind == "raw" and self.device == "generic" and not self.flavor.raw_generic:
                 continue  # raw images are for boards, generic only when asked
             out.append(kind)
@@ -73,9 +73,10 @@ class BaseSource:
 def base_source(flavor: Flavor, arch: str) -> BaseSource:
     base = flavor.base_image
     if isinstance(base, MmdebstrapBase):
-        opts = hashlib.sha256(json.dumps(base.options(), sort_keys=True).encode()).hexdigest()[:10]
-        host = flavor.registry.split("/", 1)[0]
-        ref = f"{host}/kairos-base/debian-mmdebstrap:{base.suite}-{base.variant}-{arch}-{opts}"
+        # the seeded image lives under the flavor's registry path, keyed by options and registry
+        opts = hashlib.sha256(json.dumps([base.options(), flavor.registry], sort_keys=True).encode()
+                              ).hexdigest()[:10]
+        ref = f"{flavor.registry}/base-mmdebstrap:{base.suite}-{base.variant}-{arch}-{opts}"
         return BaseSource(ref=ref, ident=safe_id(f"mmdebstrap-{base.suite}-{base.variant}-{arch}-{opts}"),
                           mmdebstrap=base, arch=arch)
     return BaseSource(ref=base, ident=safe_id(base))

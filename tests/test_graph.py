@@ -40,9 +40,10 @@ def test_every_build_has_its_stage_subtasks(ctx, listed):
     assert len(ctx.builds) == 24
     for b in ctx.builds:
         for stage in ("convert", "push", "kernel", "initrd", "squashfs", "sbom", "trivy", "grype", "sign",
-                      "ipxe", "build"):
+                      "build"):
             assert f"{stage}:{b.stem}" in listed
         assert (f"iso:{b.stem}" in listed) == (b.device == "generic")
+        assert (f"ipxe:{b.stem}" in listed) == (b.device == "generic")
         assert (f"raw:{b.stem}" in listed) == (b.device == "rpi4")
     assert "iso:kairos-ubuntu-24.04-core-amd64-generic-v3.1.0" in listed
     assert "raw:kairos-ubuntu-24.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2+k3s1" in listed
@@ -53,7 +54,7 @@ def test_one_resolve_per_reference_and_one_pull_per_arch(ctx, listed):
     resolves = sorted(n for n in listed if n.startswith("resolve:"))
     # 5 distinct bases + the one kairos-init image they share
     assert len(resolves) == 6
-    assert "resolve:quay.io-kairos-kairos-init-v0.5.20" in resolves
+    assert "resolve:quay.io-kairos-kairos-init-v4.3.0" in resolves
     pulls = {n for n in listed if n.startswith("pull:")}
     assert "pull:ubuntu-24.04-arm64" in pulls and "pull:fedora-42-amd64" in pulls
     assert "pull:fedora-42-arm64" not in pulls  # fedora flavor is amd64 only
@@ -67,7 +68,7 @@ def test_conversion_depends_on_small_digest_files_only(ctx):
     task = tasks[b.stem]
     state = ctx.paths.state
     assert task["file_dep"] == [str(state / "pulled" / "ubuntu-24.04-arm64.digest"),
-                                str(state / "pulled" / "quay.io-kairos-kairos-init-v0.5.20-arm64.digest")]
+                                str(state / "pulled" / "quay.io-kairos-kairos-init-v4.3.0-arm64.digest")]
     assert task["targets"] == [str(state / "image" / f"{b.stem}.digest")]
     for t in list(extract.tasks(ctx, "squashfs")) + list(push.tasks(ctx)):
         assert all(dep.startswith(str(state)) and dep.endswith(".digest") for dep in t["file_dep"]), t["name"]

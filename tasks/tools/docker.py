@@ -60,7 +60,11 @@ def registry_host(ref: str) -> str:
 
 
 def is_local_host(host: str) -> bool:
-    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    """True for loopback registries (plain http): localhost, 127.0.0.0/8, [::1]."""
+    if host.startswith("["):
+        name = host[: host.find("]") + 1]
+    else:
+        name = host.rsplit(":", 1)[0]
     return name in ("localhost", "[::1]") or name.startswith("127.")
 
 

@@ -1,0 +1,79 @@
+"""Shared fixtures for the pure unit tests: flavor files and Flavor/Build factories.
+
+Nothing here mocks project code; the factories build the real frozen dataclasses.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from tasks.config import Flavor  # noqa: E402
+from tasks.matrix import Build  # noqa: E402
+
+
+@pytest.fixture
+def write_flavor(tmp_path):
+    """write_flavor(name, text, subdir="flavors") -> Path of the written file."""
+
+    def write(name: str, text: str, subdir: str = "flavors") -> Path:
+        folder = tmp_path / subdir
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / name
+        path.write_text(text)
+        return path
+
+    return write
+
+
+FLAVOR_DEFAULTS = dict(
+    path=Path("flavors/ubuntu-24.04.yaml"),
+    flavor="ubuntu",
+    release="24.04",
+    base_image="ubuntu:24.04",
+    version="v3.1.0",
+    variants=("core",),
+    k3s_versions=(),
+    arches=("amd64",),
+    devices=("generic",),
+    converter="kairos-init",
+    kairos_init_image="quay.io/kairos/kairos-init:v4.3.0",
+    registry="quay.io/kairos",
+    artifacts=("iso",),
+)
+
+
+@pytest.fixture
+def make_flavor():
+    """make_flavor(**fields) -> a real Flavor with FLAVOR_DEFAULTS overridden."""
+
+    def make(**fields) -> Flavor:
+        return Flavor(**{**FLAVOR_DEFAULTS, **fields})
+
+    return make
+
+
+@pytest.fixture
+def make_build(make_flavor):
+    """make_build(variant, k3s, arch, device, **flavor_fields) -> Build of a flavor that lists them."""
+
+    def make(variant="core", k3s=None, arch="amd64", device="generic", **fields) -> Build:
+        fields.setdefault("variants", (variant,))
+        fields.setdefault("k3s_versions", (k3s,) if k3s else ())
+        fields.setdefault("arches", (arch,))
+        fields.setdefault("devices", (device,))
+        return Build(make_flavor(**fields), variant, k3s, arch, device)
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _run_from_the_project_root(monkeypatch):
+    """Messages show flavor paths relative to the working directory when below it; run every test
+    from the project root (as `python -m pytest` there does) so tmp_path files show as absolute."""
+    monkeypatch.chdir(ROOT)

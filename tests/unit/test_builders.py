@@ -1,0 +1,485 @@
+"""Pure argv / Dockerfile / file-picking functions of the stages and tools (no Docker needed)."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.config import BuiltinOptions, MmdebstrapBase, SquashfsOptions
+from tasks.run import run
+from tasks.stages import preflight
+from tasks.stages.base import mmdebstrap_argv
+from tasks.stages.convert import (DIGEST, builtin_script, dockerfile, dockerfile_builtin, dockerfile_kairos_init,
+                                  kairos_init_flags, kairos_release, labels, overlay_files)
+from tasks.stages.extract import mksquashfs_argv, pick_boot_file
+from tasks.tools.docker import BuildCli, build_argv, is_local_host, registry_host
+
+K3S = "v1.28.2+k3s1"
+BASE = "sha256:" + "a" * 64
+INIT = "sha256:" + "b" * 64
+BUILTIN = dict(converter="builtin", kairos_init_image=None)
+
+# --- convert: kairos-init flags and Dockerfile ------------------------------------
+
+FLAG_CASES = [
+    # device, trusted_boot, fips, k3s -> flags
+    ("generic", False, False, None, ["-m", "generic", "-t", "false", "--version", "v3.1.0"]),
+    ("generic", True, False, None, ["-m", "generic", "-t", "true", "--version", "v3.1.0"]),
+    ("rpi4", False, False, K3S,
+     ["-m", "rpi4", "-t", "false", "-p", "k3s", "--provider-k3s-version", K3S, "--version", "v3.1.0"]),
+    ("rpi3", False, True, None, ["-m", "rpi3", "-t", "false", "--fips", "--version", "v3.1.0"]),
+    ("generic", True, True, "v1.29.0-rc1+k3s2",
+     ["-m", "generic", "-t", "true", "-p", "k3s", "--provider-k3s-version", "v1.29.0-rc1+k3s2", "--fips",
+      "--version", "v3.1.0"]),
+]
+
+
+@pytest.mark.parametrize("device, trusted, fips, k3s, flags", FLAG_CASES)
+def test_kairos_init_flags(make_build, device, trusted, fips, k3s, flags):
+    arch = "amd64" if device == "generic" else "arm64"
+    b = make_build("standard" if k3s else "core", k3s, arch, device, trusted_boot=trusted, fips=fips)
+    assert kairos_init_flags(b) == flags
+
+
+def _run_command(text: str) -> list[str]:
+    """The RUN instruction of a Dockerfile, continuation lines joined, split like a shell would."""
+    run_line = text[text.index("\nRUN ") + len("\nRUN "):]
+    return shlex.split(run_line.replace("\\\n", " "))
+
+
+@pytest.mark.parametrize("base_image, init_image, base_repo, init_repo", [
+    ("ubuntu:24.04", "quay.io/kairos/kairos-init:v4.3.0", "ubuntu", "quay.io/kairos/kairos-init"),
+    ("opensuse/leap:15.6", f"quay.io/kairos/kairos-init@{INIT}", "opensuse/leap", "quay.io/kairos/kairos-init"),
+    (f"ubuntu:24.04@{BASE}", "127.0.0.1:5000/mirror/kairos-init:v4.3.0", "ubuntu",
+     "127.0.0.1:5000/mirror/kairos-init"),
+])
+@pytest.mark.parametrize("variant, k3s, arch, device", [
+    ("core", None, "amd64", "generic"),
+    ("standard", K3S, "arm64", "rpi4"),
+])
+@pytest.mark.parametrize("overlay", [False, True])
+def test_dockerfile_kairos_init(make_build, base_image, init_image, base_repo, init_repo, variant, k3s, arch,
+                                device, overlay):
+    b = make_build(variant, k3s, arch, device, base_image=base_image, kairos_init_image=init_image)
+    text = dockerfile_kairos_init(b, BASE, INIT, overlay)
+    lines = text.splitlines()
+    assert text.endswith("\n")
+    assert lines[0] == f"FROM {init_repo}@{INIT} AS kairos-init"
+    assert lines[1] == f"FROM {base_repo}@{BASE} AS base-kairos"
+    run_at = lines.index("RUN --mount=type=bind,from=kairos-init,src=/kairos-init,dst=/kairos-init \\")
+    install_at = next(i for i, l in enumerate(lines) if "/kairos-init -l debug -s install" in l)
+    init_at = next(i for i, l in enumerate(lines) if "/kairos-init -l debug -s init" in l)
+    assert run_at < install_at < init_at
+    if overlay:
+        assert lines.index("COPY overlay/ /") < run_at
+    else:
+        assert "COPY" not in text
+    flags = kairos_init_flags(b)
+    assert _run_command(text) == [
+        "--mount=type=bind,from=kairos-init,src=/kairos-init,dst=/kairos-init",
+        "/kairos-init", "-l", "debug", "-s", "install", *flags, "&&",
+        "/kairos-init", "-l", "debug", "-s", "init", *flags]
+
+
+@pytest.mark.parametrize("overlay", [None, Path("/srv/overlay")])
+def test_dockerfile_dispatch(make_build, overlay):
+    init = make_build(overlay=overlay)
+    text = dockerfile(init, BASE, None)
+    assert text.splitlines()[0] == f"FROM quay.io/kairos/kairos-init@{DIGEST} AS kairos-init"
+    assert ("COPY overlay/ /\n" in text) == (overlay is not None)
+    builtin = make_build(overlay=overlay, **BUILTIN)
+    text = dockerfile(builtin, BASE, None)
+    assert text == dockerfile_builtin(builtin, BASE, overlay is not None)
+    assert "kairos-init" not in text
+
+
+@pytest.mark.parametrize("base_image, overlay, expected", [
+    ("ubuntu:24.04", False,
+     f"FROM ubuntu@{BASE}\n"
+     "COPY builtin-convert.sh /tmp/builtin-convert.sh\n"
+     "RUN sh /tmp/builtin-convert.sh && rm -f /tmp/builtin-convert.sh\n"
+     "COPY kairos-release /etc/kairos-release\n"),
+    ("debian:12", True,
+     f"FROM debian@{BASE}\n"
+     "COPY overlay/ /\n"
+     "COPY builtin-convert.sh /tmp/builtin-convert.sh\n"
+     "RUN sh /tmp/builtin-convert.sh && rm -f /tmp/builtin-convert.sh\n"
+     "COPY kairos-release /etc/kairos-release\n"),
+])
+def test_dockerfile_builtin(make_build, base_image, overlay, expected):
+    assert dockerfile_builtin(make_build(base_image=base_image, **BUILTIN), BASE, overlay) == expected
+
+
+def test_dockerfile_builtin_from_mmdebstrap_seed(make_build):
+    b = make_build(base_image=MmdebstrapBase(suite="bookworm"), registry="127.0.0.1:5000/kairos", **BUILTIN)
+    first = dockerfile_builtin(b, BASE, False).splitlines()[0]
+    assert re.fullmatch(rf"FROM 127\.0\.0\.1:5000/kairos/base-mmdebstrap@{BASE}", first), first
+
+
+@pytest.mark.parametrize("packages, modules", [((), "most"), (("openssh-server", "vim"), "dep")])
+def test_builtin_script_is_valid_shell(make_build, packages, modules):
+    b = make_build(builtin=BuiltinOptions(packages=packages, initramfs_modules=modules), **BUILTIN)
+    script = builtin_script(b)
+    run(["sh", "-n"], feed=[script.encode()])  # syntax check by a real shell
+    assert f"echo 'MODULES={modules}' > /etc/initramfs-tools/conf.d/kairos-modules.conf" in script
+    install = next(l for l in script.splitlines() if l.startswith("apt-get install"))
+    assert install.split()[-len(packages) - 2:] == ["initramfs-tools", "systemd-sysv", *packages]
+    assert "kairos-init" not in script
+
+
+def _release_values(text: str) -> dict[str, str]:
+    values = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r'([A-Z_]+)="([^"$`\\]*)"', line)
+        assert m, f"not a KEY=\"value\" line: {line!r}"
+        assert m[1] not in values
+        values[m[1]] = m[2]
+    return values
+
+
+@pytest.mark.parametrize("variant, k3s, arch, device", [
+    ("core", None, "amd64", "generic"),
+    ("standard", K3S, "arm64", "rpi4"),
+])
+def test_kairos_release(make_build, tmp_path, variant, k3s, arch, device):
+    b = make_build(variant, k3s, arch, device, flavor="debian", release="12", **BUILTIN)
+    text = kairos_release(b)
+    values = _release_values(text)
+    expected = {
+        "KAIROS_ID": "kairos",
+        "KAIROS_NAME": f"kairos-{variant}-debian-12",
+        "KAIROS_VERSION": b.version,
+        "KAIROS_RELEASE": "v3.1.0",
+        "KAIROS_FLAVOR": "debian",
+        "KAIROS_FLAVOR_RELEASE": "12",
+        "KAIROS_VARIANT": variant,
+        "KAIROS_MODEL": device,
+        "KAIROS_ARCH": arch,
+        "KAIROS_TARGETARCH": arch,
+        "KAIROS_ARTIFACT": b.stem,
+        "KAIROS_IMAGE_REPO": b.image,
+    }
+    if k3s:
+        expected |= {"KAIROS_SOFTWARE_VERSION": k3s, "KAIROS_SOFTWARE_VERSION_PREFIX": "k3s"}
+    converter = values.pop("KAIROS_CONVERTER")
+    assert values == expected
+    assert converter.startswith("builtin") and "not kairos-init" in converter
+    # the file is sourced by shells like os-release: check a real shell reads the same values
+    (tmp_path / "kairos-release").write_text(text)
+    shown = run(["sh", "-c", '. ./kairos-release && echo "$KAIROS_VERSION|$KAIROS_IMAGE_REPO"'],
+                cwd=tmp_path, capture=True)
+    assert shown == f"{b.version}|{b.image}"
+
+
+def test_labels(make_build):
+    b = make_build("standard", K3S, "arm64", "rpi4", flavor="ubuntu", release="23.04")
+    assert labels(b) == {
+        "org.opencontainers.image.title": "kairos-ubuntu-23.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2+k3s1",
+        "org.opencontainers.image.version": "v3.1.0-k3sv1.28.2+k3s1",
+        "org.opencontainers.image.ref.name": "quay.io/kairos/ubuntu:23.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2-k3s1",
+        "org.opencontainers.image.base.name": "ubuntu:24.04",
+        "io.kairos.flavor": "ubuntu",
+        "io.kairos.flavor-release": "23.04",
+        "io.kairos.variant": "standard",
+        "io.kairos.arch": "arm64",
+        "io.kairos.model": "rpi4",
+        "io.kairos.version": "v3.1.0",
+        "io.kairos.converter": "kairos-init",
+        "io.kairos.software-version": K3S,
+        "io.kairos.kairos-init": "quay.io/kairos/kairos-init:v4.3.0",
+    }
+
+
+@pytest.mark.parametrize("variant, k3s, fields", [
+    ("core", None, {}),
+    ("standard", K3S, {}),
+    ("core", None, BUILTIN),
+])
+def test_labels_have_no_timestamps_and_are_reproducible(make_build, variant, k3s, fields):
+    first = labels(make_build(variant, k3s, **fields))
+    again = labels(make_build(variant, k3s, **fields))
+    assert first == again
+    assert not any(word in key for key in first for word in ("created", "date", "time", "build-id"))
+    assert not any(re.search(r"\d{4}-\d{2}-\d{2}|\d{2}:\d{2}:\d{2}|\b1[6-9]\d{8}\b", v) for v in first.values())
+    assert ("io.kairos.kairos-init" in first) == (fields != BUILTIN)
+    assert ("io.kairos.software-version" in first) == (k3s is not None)
+
+
+def _tree(root: Path) -> None:
+    """An overlay with files, dirs, modes and symlinks (relative, absolute, dangling, to a dir)."""
+    for d in ("etc/ssh/sshd_config.d", "usr/local/bin"):
+        (root / d).mkdir(parents=True)
+    (root / "a.txt").write_text("a\n")
+    (root / "etc/motd").write_text("welcome\n")
+    (root / "etc/ssh/sshd_config.d/10-kairos.conf").write_text("PermitRootLogin no\n")
+    (root / "usr/local/bin/hello").write_text("#!/bin/sh\necho hello\n")
+    os.symlink("motd", root / "etc/motd.link")
+    os.symlink("/nonexistent/target", root / "usr/local/bin/dangling")
+    os.symlink("local", root / "usr/lib")
+    for d in ("", "etc", "etc/ssh", "etc/ssh/sshd_config.d", "usr", "usr/local", "usr/local/bin"):
+        os.chmod(root / d, 0o755)
+    os.chmod(root / "a.txt", 0o644)
+    os.chmod(root / "etc/motd", 0o644)
+    os.chmod(root / "etc/ssh/sshd_config.d/10-kairos.conf", 0o600)
+    os.chmod(root / "usr/local/bin/hello", 0o4755)
+
+
+def test_overlay_files(tmp_path):
+    root = tmp_path / "overlay"
+    _tree(root)
+    files, listing = overlay_files(root)
+    assert files == [str(root / p) for p in ("a.txt", "etc/motd", "etc/ssh/sshd_config.d/10-kairos.conf",
+                                             "usr/local/bin/hello")]
+    assert listing == [
+        ["a.txt", "file", "0o644"],
+        ["etc", "dir", "0o755"],
+        ["usr", "dir", "0o755"],
+        ["etc/motd", "file", "0o644"],
+        ["etc/motd.link", "link", "motd"],
+        ["etc/ssh", "dir", "0o755"],
+        ["etc/ssh/sshd_config.d", "dir", "0o755"],
+        ["etc/ssh/sshd_config.d/10-kairos.conf", "file", "0o600"],
+        ["usr/lib", "link", "local"],
+        ["usr/local", "dir", "0o755"],
+        ["usr/local/bin", "dir", "0o755"],
+        ["usr/local/bin/dangling", "link", "/nonexistent/target"],
+        ["usr/local/bin/hello", "file", "0o4755"],
+    ]
+
+
+@pytest.mark.parametrize("change", ["chmod", "retarget-link", "add-file", "rename"])
+def test_overlay_listing_changes_with_modes_links_and_names(tmp_path, change):
+    root = tmp_path / "overlay"
+    _tree(root)
+    before = overlay_files(root)
+    if change == "chmod":
+        os.chmod(root / "etc/motd", 0o600)
+    elif change == "retarget-link":
+        os.unlink(root / "etc/motd.link")
+        os.symlink("/etc/issue", root / "etc/motd.link")
+    elif change == "add-file":
+        (root / "etc/new").write_text("")
+    else:
+        os.rename(root / "a.txt", root / "b.txt")
+    assert overlay_files(root) != before
+
+
+@pytest.mark.parametrize("names", [[f"d{i:02}" for i in range(20)]])
+def test_overlay_listing_does_not_depend_on_creation_order(tmp_path, names):
+    listings = []
+    for order, folder in ((names, "first"), (names[::-1], "second")):
+        root = tmp_path / folder
+        for name in order:
+            (root / name / "sub").mkdir(parents=True)
+            (root / name / "sub" / "f").write_text(name)
+            (root / name / "g").write_text(name)
+        listings.append([entry[:2] for entry in overlay_files(root)[1]])
+    assert listings[0] == listings[1]
+    assert len(listings[0]) == 4 * len(names)
+    visited = [path for path, kind in listings[0] if path.endswith("/sub")]  # directories walked in name order
+    assert visited == sorted(visited)
+
+
+def test_overlay_files_none():
+    assert overlay_files(None) == ([], [])
+
+
+# --- extract: picking the kernel and initrd in /boot ----------------------------------
+
+F = ("file", "")
+D = ("dir", "")
+
+
+def L(target):  # noqa: N802 - reads like the other table markers
+    return ("link", target)
+
+
+BOOT_CASES = [
+    # /boot entries -> (kernel, initrd)
+    pytest.param({"vmlinuz": L("vmlinuz-6.8.0-45-generic"), "vmlinuz-6.8.0-45-generic": F, "initrd": F,
+                  "config-6.8.0-45-generic": F, "grub": D, "grub/grub.cfg": F},
+                 "vmlinuz-6.8.0-45-generic", "initrd", id="kairos-layout-symlink"),
+    pytest.param({"vmlinuz": F, "initrd": F, "vmlinuz-6.1.0-1-amd64": F, "initrd.img-6.1.0-1-amd64": F},
+                 "vmlinuz", "initrd", id="kairos-layout-files-win"),
+    pytest.param({"vmlinuz-6.1.0-1-amd64": F, "initrd.img-6.1.0-1-amd64": F, "System.map-6.1.0-1-amd64": F,
+                  "config-6.1.0-1-amd64": F},
+                 "vmlinuz-6.1.0-1-amd64", "initrd.img-6.1.0-1-amd64", id="debian"),
+    pytest.param({"vmlinuz-6.1.0-9-amd64": F, "vmlinuz-6.1.0-10-amd64": F, "vmlinuz-6.1.0-2-amd64": F,
+                  "initrd.img-6.1.0-9-amd64": F, "initrd.img-6.1.0-10-amd64": F, "initrd.img-6.1.0-2-amd64": F},
+                 "vmlinuz-6.1.0-10-amd64", "initrd.img-6.1.0-10-amd64", id="debian-natural-sort"),
+    pytest.param({"vmlinuz-6.9.0-1-arm64": F, "vmlinuz-6.12.0-1-arm64": F,
+                  "initrd.img-6.9.0-1-arm64": F, "initrd.img-6.12.0-1-arm64": F},
+                 "vmlinuz-6.12.0-1-arm64", "initrd.img-6.12.0-1-arm64", id="debian-6.12-over-6.9"),
+    pytest.param({"vmlinuz": L("vmlinuz-6.8.0-45-generic"), "vmlinuz.old": L("vmlinuz-6.8.0-40-generic"),
+                  "initrd.img": L("initrd.img-6.8.0-45-generic"), "initrd.img.old": L("initrd.img-6.8.0-40-generic"),
+                  "vmlinuz-6.8.0-45-generic": F, "vmlinuz-6.8.0-40-generic": F,
+                  "initrd.img-6.8.0-45-generic": F, "initrd.img-6.8.0-40-generic": F},
+                 "vmlinuz-6.8.0-45-generic", "initrd.img-6.8.0-45-generic", id="ubuntu-symlinks"),
+    pytest.param({"vmlinuz": L("/boot/vmlinuz-x"), "vmlinuz-x": F, "initrd": L("/boot/initrd.img-x"),
+                  "initrd.img-x": F},
+                 "vmlinuz-x", "initrd.img-x", id="absolute-symlink-into-boot"),
+    pytest.param({"vmlinuz": L("/boot/efi/linux-6.1"), "efi": D, "efi/linux-6.1": F, "vmlinuz-9.9": F,
+                  "initrd": L("/boot/ramdisk-6.1"), "ramdisk-6.1": F, "initrd.img-9.9": F},
+                 "efi/linux-6.1", "ramdisk-6.1", id="absolute-symlink-followed-before-globs"),
+    pytest.param({"vmlinuz": L("./vmlinuz-x"), "vmlinuz-x": F, "initrd": L("./initrd.img-x"), "initrd.img-x": F},
+                 "vmlinuz-x", "initrd.img-x", id="dot-slash-symlink"),
+    pytest.param({"vmlinuz": L("/usr/lib/modules/6.1/vmlinuz"), "vmlinuz-6.1": F,
+                  "initrd": L("/usr/lib/modules/6.1/initrd"), "initrd-6.1": F},
+                 "vmlinuz-6.1", "initrd-6.1", id="absolute-symlink-outside-boot-falls-back"),
+    pytest.param({"vmlinuz": L("vmlinuz-gone"), "vmlinuz-6.1.0-1-amd64": F,
+                  "initrd": L("initrd.img-gone"), "initrd.img-6.1.0-1-amd64": F},
+                 "vmlinuz-6.1.0-1-amd64", "initrd.img-6.1.0-1-amd64", id="dangling-symlink-falls-back"),
+    pytest.param({"vmlinuz": L("grub"), "grub": D, "vmlinuz-6.1": F, "initrd": L("grub"), "initrd.img-6.1": F},
+                 "vmlinuz-6.1", "initrd.img-6.1", id="symlink-to-dir-falls-back"),
+    pytest.param({"vmlinuz": L("vmlinuz-a"), "vmlinuz-a": L("vmlinuz"), "initrd": L("initrd")},
+                 None, None, id="symlink-loop"),
+    pytest.param({"Image": F, "initrd": F}, "Image", "initrd", id="arm64-Image"),
+    pytest.param({"Image": L("Image-6.6.0"), "Image-6.6.0": F, "initramfs": F}, "Image-6.6.0", "initramfs",
+                 id="arm64-Image-symlink"),
+    pytest.param({"vmlinuz-6.14.0-63.fc42.x86_64": F, "initramfs-6.14.0-63.fc42.x86_64.img": F,
+                  "vmlinuz-0-rescue-0123456789abcdef": F, "initramfs-0-rescue-0123456789abcdef.img": F,
+                  "symvers-6.14.0-63.fc42.x86_64.xz": F, "loader": D, "loader/entries": D},
+                 "vmlinuz-6.14.0-63.fc42.x86_64", "initramfs-6.14.0-63.fc42.x86_64.img", id="fedora"),
+    pytest.param({"vmlinuz-6.9.4-200.fc42.x86_64": F, "vmlinuz-6.14.0-63.fc42.x86_64": F,
+                  "initramfs-6.9.4-200.fc42.x86_64.img": F, "initramfs-6.14.0-63.fc42.x86_64.img": F},
+                 "vmlinuz-6.14.0-63.fc42.x86_64", "initramfs-6.14.0-63.fc42.x86_64.img", id="fedora-two-kernels"),
+    pytest.param({"initrd.img-6.1": F}, None, "initrd.img-6.1", id="initrd-only"),
+    pytest.param({"grub": D, "efi": D, "grub/vmlinuz": F}, None, None, id="nothing-but-dirs"),
+    pytest.param({}, None, None, id="empty"),
+]
+
+
+@pytest.mark.parametrize("entries, kernel, initrd", BOOT_CASES)
+def test_pick_boot_file(entries, kernel, initrd):
+    assert pick_boot_file(entries, "kernel") == kernel
+    assert pick_boot_file(entries, "initrd") == initrd
+
+
+@pytest.mark.parametrize("compression, block, arch, extra", [
+    ("gzip", "1024k", "amd64", []),
+    ("xz", "1024k", "amd64", ["-Xbcj", "x86"]),
+    ("xz", "1024k", "arm64", []),
+    ("zstd", "256k", "amd64", []),
+    ("lz4", "131072", "arm64", []),
+])
+def test_mksquashfs_argv(compression, block, arch, extra):
+    argv = mksquashfs_argv(Path("/state/rootfs"), Path("/out/x.squashfs"),
+                           SquashfsOptions(compression=compression, block_size=block), arch)
+    assert argv == ["mksquashfs", "/state/rootfs", "/out/x.squashfs", "-noappend", "-no-xattrs",
+                    "-comp", compression, "-b", block, *extra]
+
+
+# --- base: mmdebstrap -----------------------------------------------------------------
+
+@pytest.mark.parametrize("base, arch, expected", [
+    (MmdebstrapBase(suite="bookworm"), "amd64",
+     ["mmdebstrap", "--variant=minbase", "--arch=amd64", "--format=tar", "--components=main",
+      "bookworm", "/tmp/out.tar", "http://deb.debian.org/debian"]),
+    (MmdebstrapBase(suite="trixie", arch="arm64", variant="apt", mirror="http://mirror.example/debian",
+                    components=("main", "contrib", "non-free-firmware"), include=("ca-certificates", "vim")),
+     "arm64",
+     ["mmdebstrap", "--variant=apt", "--arch=arm64", "--format=tar", "--components=main,contrib,non-free-firmware",
+      "--include=ca-certificates,vim", "trixie", "/tmp/out.tar", "http://mirror.example/debian"]),
+    (MmdebstrapBase(suite="bookworm", include=("systemd",)), "arm64",
+     ["mmdebstrap", "--variant=minbase", "--arch=arm64", "--format=tar", "--components=main",
+      "--include=systemd", "bookworm", "/tmp/out.tar", "http://deb.debian.org/debian"]),
+])
+def test_mmdebstrap_argv(base, arch, expected):
+    assert mmdebstrap_argv(base, arch, Path("/tmp/out.tar")) == expected
+
+
+# --- tools/docker ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("cli, platform, label_map, expected", [
+    (BuildCli("docker", "buildx"), "linux/amd64", {"b.key": "2", "a.key": "x=y z"},
+     ["docker", "buildx", "build", "--load", "--platform", "linux/amd64", "--progress", "plain",
+      "--iidfile", "/ctx/iid", "--tag", "quay.io/kairos/ubuntu:24.04-core", "--label", "a.key=x=y z",
+      "--label", "b.key=2", "/ctx"]),
+    (BuildCli("/usr/bin/docker", "classic"), "linux/arm64", None,
+     ["/usr/bin/docker", "build", "--platform", "linux/arm64", "--progress", "plain",
+      "--iidfile", "/ctx/iid", "--tag", "quay.io/kairos/ubuntu:24.04-core", "/ctx"]),
+    (BuildCli("/usr/bin/docker", "classic"), "linux/amd64", {"z": "1", "m": "2", "a": "3"},
+     ["/usr/bin/docker", "build", "--platform", "linux/amd64", "--progress", "plain",
+      "--iidfile", "/ctx/iid", "--tag", "quay.io/kairos/ubuntu:24.04-core",
+      "--label", "a=3", "--label", "m=2", "--label", "z=1", "/ctx"]),
+])
+def test_build_argv(cli, platform, label_map, expected):
+    assert build_argv(cli, Path("/ctx"), "quay.io/kairos/ubuntu:24.04-core", platform, Path("/ctx/iid"),
+                      label_map) == expected
+
+
+@pytest.mark.parametrize("cli, env", [
+    (BuildCli("docker", "buildx"), {}),
+    (BuildCli("/usr/bin/docker", "classic"), {"DOCKER_BUILDKIT": "1"}),
+])
+def test_build_cli_env(cli, env):
+    assert cli.env() == env
+
+
+@pytest.mark.parametrize("ref, host", [
+    ("ubuntu:24.04", "docker.io"),
+    ("ubuntu", "docker.io"),
+    ("library/ubuntu", "docker.io"),
+    ("opensuse/leap:15.6", "docker.io"),
+    ("quay.io/kairos/x:1", "quay.io"),
+    ("quay.io/kairos/ubuntu:24.04-core-amd64-generic-v3.1.0", "quay.io"),
+    ("127.0.0.1:5000/a/b:1", "127.0.0.1:5000"),
+    ("localhost:5000/x", "localhost:5000"),
+    ("localhost/x", "localhost"),
+    ("ghcr.io/me/os@sha256:" + "c" * 64, "ghcr.io"),
+])
+def test_registry_host(ref, host):
+    assert registry_host(ref) == host
+
+
+@pytest.mark.parametrize("host, local", [
+    ("localhost", True),
+    ("localhost:5000", True),
+    ("127.0.0.1", True),
+    ("127.0.0.1:5000", True),
+    ("127.1.2.3:443", True),
+    ("[::1]", True),
+    ("[::1]:5000", True),
+    ("docker.io", False),
+    ("quay.io", False),
+    ("10.0.0.5:5000", False),
+    ("registry.local:5000", False),
+    ("localhost.example.com:5000", False),
+])
+def test_is_local_host(host, local):
+    assert is_local_host(host) is local
+
+
+# --- preflight: what tools the selected builds need ---------------------------------------
+
+@pytest.mark.parametrize("base_image, artifacts, tools", [
+    ("ubuntu:24.04", ("iso",), set()),
+    ("ubuntu:24.04", ("kernel", "squashfs"), {"mksquashfs", "tar"}),
+    (MmdebstrapBase(suite="bookworm"), ("kernel",), {"mmdebstrap"}),
+    (MmdebstrapBase(suite="bookworm"), ("squashfs",), {"mmdebstrap", "mksquashfs", "tar"}),
+])
+def test_tools_needed(make_build, base_image, artifacts, tools):
+    b = make_build(base_image=base_image, artifacts=artifacts, path=Path("flavors/debian-12.yaml"))
+    need = preflight.tools_needed((b,))
+    assert set(need) == tools
+    if "mmdebstrap" in need:
+        assert need["mmdebstrap"].endswith("of debian-12.yaml")
+
+
+def test_preflight_registries(make_build):
+    builds = (make_build(registry="quay.io/kairos"), make_build(arch="arm64", registry="127.0.0.1:5000/kairos"),
+              make_build(device="rpi4", arch="arm64", registry="quay.io/other"))
+    assert preflight.registries(builds) == ["127.0.0.1:5000", "quay.io"]
+
+
+def test_stage_modules_import_without_a_daemon():
+    """Importing the stages (as doit does when it loads tasks) must not contact Docker."""
+    out = subprocess.run([sys.executable, "-c", "import tasks.stages.convert, tasks.stages.extract, tasks.stages.base"],
+                         cwd=Path(__file__).resolve().parents[2], env={**os.environ, "DOCKER_HOST": "tcp://0.0.0.0:9"},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr

@@ -1,0 +1,164 @@
+"""`python -m tasks plan`: in-process via main(), and as a real subprocess on flavors/upstream."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+FLAVOR = {
+    "flavor": "ubuntu",
+    "release": "23.04",
+    "base_image": "ubuntu:23.04",
+    "version": "v3.1.0",
+    "variants": ["core", "standard"],
+    "k3s_versions": ["v1.28.2+k3s1"],
+    "arches": ["amd64", "arm64"],
+    "devices": ["generic", "rpi4"],
+    "kairos_init_image": "quay.io/kairos/kairos-init:v4.3.0",
+    "registry": "quay.io/kairos",
+    "artifacts": ["iso", "raw", "kernel", "initrd", "trivy", "sign"],
+}
+RPI4_STANDARD = "kairos-ubuntu-23.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2+k3s1"
+
+
+def write(folder: Path, name: str, data) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def plan_json(capsys, *args) -> dict:
+    assert main(["plan", *args, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    return json.loads(out)
+
+
+def test_plan_json(tmp_path, capsys):
+    write(tmp_path / "flavors", "ubuntu.yaml", FLAVOR)
+    plan = plan_json(capsys, "--flavors", str(tmp_path / "flavors"))
+    builds = plan["builds"]
+    assert [(b["variant"], b["arch"], b["device"]) for b in builds] == [
+        ("core", "amd64", "generic"), ("core", "arm64", "generic"), ("core", "arm64", "rpi4"),
+        ("standard", "amd64", "generic"), ("standard", "arm64", "generic"), ("standard", "arm64", "rpi4")]
+    record = builds[-1]
+    assert record["stem"] == RPI4_STANDARD
+    assert record["image"] == "quay.io/kairos/ubuntu:23.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2-k3s1"
+    assert record["version"] == "v3.1.0-k3sv1.28.2+k3s1" and record["k3s_version"] == "v1.28.2+k3s1"
+    assert record["base_image"] == "ubuntu:23.04" and record["converter"] == "kairos-init"
+    assert record["flavor_file"] == str(tmp_path / "flavors" / "ubuntu.yaml")
+    assert record["artifacts"] == {
+        "raw": [f"{RPI4_STANDARD}.img", f"{RPI4_STANDARD}.img.sha256"],
+        "kernel": [f"{RPI4_STANDARD}-kernel", f"{RPI4_STANDARD}-kernel.sha256"],
+        "initrd": [f"{RPI4_STANDARD}-initrd", f"{RPI4_STANDARD}-initrd.sha256"],
+        "trivy": [f"{RPI4_STANDARD}-trivy.sarif", f"{RPI4_STANDARD}-trivy.json"],
+    }
+    generic = builds[0]
+    assert list(generic["artifacts"]) == ["iso", "kernel", "initrd", "trivy"]
+    assert generic["artifacts"]["iso"][0] == "kairos-ubuntu-23.04-core-amd64-generic-v3.1.0.iso"
+
+
+def test_plan_text(tmp_path, capsys):
+    write(tmp_path / "flavors", "ubuntu.yaml", FLAVOR)
+    assert main(["plan", "--flavors", str(tmp_path / "flavors")]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[-1] == "6 build(s)"
+    assert RPI4_STANDARD in lines
+    assert f"  image     quay.io/kairos/ubuntu:23.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2-k3s1" in lines
+    assert f"  raw       {RPI4_STANDARD}.img" in lines
+
+
+def test_plan_several_sources_separated_by_pathsep(tmp_path, capsys):
+    a = write(tmp_path / "one", "ubuntu.yaml", FLAVOR)
+    b = write(tmp_path / "two", "debian.yaml", {**FLAVOR, "flavor": "debian", "release": "12"})
+    plan = plan_json(capsys, "--flavors", f"{a.parent}{os.pathsep}{b}")
+    assert {r["flavor"] for r in plan["builds"]} == {"ubuntu", "debian"}
+    assert len(plan["builds"]) == 12
+
+
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_plan_shards_cover_the_matrix(tmp_path, capsys, count):
+    write(tmp_path / "flavors", "ubuntu.yaml", FLAVOR)
+    src = str(tmp_path / "flavors")
+    everything = [r["stem"] for r in plan_json(capsys, "--flavors", src)["builds"]]
+    parts = [[r["stem"] for r in plan_json(capsys, "--flavors", src, "--shard", f"{i}/{count}")["builds"]]
+             for i in range(1, count + 1)]
+    assert sorted(s for p in parts for s in p) == sorted(everything)
+
+
+@pytest.mark.parametrize("files, args, expected", [
+    pytest.param({"bad.yaml": {**FLAVOR, "colour": "blue"}}, [], ["bad.yaml:", "colour: unknown key"],
+                 id="unknown-key"),
+    pytest.param({"bad.yaml": "flavor: [x\n"}, [], ["bad.yaml:2: malformed YAML"], id="malformed"),
+    pytest.param({"a.yaml": FLAVOR, "b.yaml": {**FLAVOR, "registry": "127.0.0.1:5000/k"}}, [],
+                 ["b.yaml: build kairos-ubuntu-23.04-core-amd64-generic-v3.1.0 is also produced by"],
+                 id="duplicate-builds"),
+    pytest.param({"ok.yaml": FLAVOR}, ["--shard", "0/2"], ["shard: shard '0/2': need 1 <= I <= N"], id="bad-shard"),
+    pytest.param({"ok.yaml": FLAVOR}, ["--shard", "two"], ["shard must look like I/N"], id="shard-syntax"),
+    pytest.param({}, [], ["no flavor files (*.yaml) in this directory"], id="empty-dir"),
+])
+def test_plan_reports_problems_without_traceback(tmp_path, capsys, files, args, expected):
+    folder = tmp_path / "flavors"
+    folder.mkdir()
+    for name, data in files.items():
+        write(folder, name, data)
+    assert main(["plan", "--flavors", str(folder), "--json", *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert lines and all(line.startswith("error: ") for line in lines), err
+    for text in expected:
+        assert any(text in line for line in lines), (text, err)
+
+
+def test_plan_nonexistent_flavors_path(tmp_path, capsys):
+    assert main(["plan", "--flavors", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'nope'}: no such flavor file or directory\n"
+
+
+def _python_m_tasks(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tasks", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+
+
+def test_python_m_tasks_plan_upstream():
+    proc = _python_m_tasks("plan", "--flavors", "flavors/upstream", "--json")
+    assert proc.returncode == 0, proc.stderr
+    builds = json.loads(proc.stdout)["builds"]
+    assert len(builds) == 24
+    assert all(b["stem"].startswith("kairos-") for b in builds)
+    assert not [b["stem"] for b in builds if b["arch"] == "amd64" and b["device"] in ("rpi3", "rpi4")]
+    assert len({b["stem"] for b in builds}) == 24
+    assert all("+" not in b["image"] for b in builds)
+    assert all(b["flavor_file"].startswith("flavors/upstream/") for b in builds)
+    for b in builds:
+        assert ("iso" in b["artifacts"]) == (b["device"] == "generic")
+        assert ("raw" in b["artifacts"]) == (b["device"] != "generic")
+        assert all(name.startswith(b["stem"]) for names in b["artifacts"].values() for name in names)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["plan", "--help"]])
+def test_python_m_tasks_help(args):
+    proc = _python_m_tasks(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: python -m tasks" in proc.stdout
+    assert "plan" in proc.stdout
+
+
+def test_python_m_tasks_without_command_is_a_usage_error():
+    proc = _python_m_tasks()
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "usage:" in proc.stderr

@@ -1,0 +1,351 @@
+"""config.py: flavor YAML -> frozen dataclasses; every problem names file:line: key.path."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.config import (BuiltinOptions, ConfigError, Flavor, MmdebstrapBase, SquashfsOptions,
+                          load_flavors, parse_ref)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# A valid, minimal flavor document (kairos-init is the default converter).
+MINIMAL = {
+    "flavor": "ubuntu",
+    "release": "24.04",
+    "base_image": "ubuntu:24.04",
+    "version": "v3.1.0",
+    "variants": ["core"],
+    "arches": ["amd64"],
+    "devices": ["generic"],
+    "kairos_init_image": "quay.io/kairos/kairos-init:v4.3.0",
+    "registry": "quay.io/kairos",
+    "artifacts": ["iso"],
+}
+DROP = object()  # doc(key=DROP) removes the key
+BUILTIN = {"converter": "builtin", "kairos_init_image": DROP}
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+def doc(**changes) -> str:
+    """MINIMAL with ``changes`` applied, as YAML text (flow style lists, one key a line)."""
+    data = dict(MINIMAL)
+    for key, value in changes.items():
+        if value is DROP:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=1000)
+
+
+def swap(text: str, old: str, new: str) -> str:
+    assert old in text, (old, text)
+    return text.replace(old, new)
+
+
+def line_of(text: str, snippet: str) -> int:
+    """1-based number of the first line of ``text`` that contains ``snippet``."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if snippet in line:
+            return number
+    raise AssertionError(f"{snippet!r} not in {text!r}")
+
+
+def problems_of(sources) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_flavors(sources)
+    assert str(info.value) == "\n".join(info.value.problems)
+    return info.value.problems
+
+
+# --- valid flavors ---------------------------------------------------------------
+
+def test_minimal_flavor_loads_into_a_frozen_flavor(write_flavor):
+    path = write_flavor("ubuntu.yaml", doc())
+    (f,) = load_flavors([path.parent])
+
+    assert isinstance(f, Flavor)
+    assert (f.flavor, f.release, f.base_image, f.version, f.registry) == \
+        ("ubuntu", "24.04", "ubuntu:24.04", "v3.1.0", "quay.io/kairos")
+    assert f.path == path
+    assert (f.variants, f.arches, f.devices, f.artifacts) == (("core",), ("amd64",), ("generic",), ("iso",))
+    for value in (f.variants, f.k3s_versions, f.arches, f.devices, f.artifacts):
+        assert type(value) is tuple
+    # defaults
+    assert f.converter == "kairos-init"
+    assert f.kairos_init_image == "quay.io/kairos/kairos-init:v4.3.0"
+    assert f.k3s_versions == ()
+    assert f.overlay is None
+    assert (f.trusted_boot, f.fips, f.raw_generic) == (False, False, False)
+    assert f.builtin == BuiltinOptions(packages=(), initramfs_modules="most")
+    assert f.squashfs == SquashfsOptions(compression="gzip", block_size="1024k")
+
+
+@pytest.mark.parametrize("attr, value", [
+    ("flavor", "debian"),
+    ("variants", ("standard",)),
+    ("trusted_boot", True),
+    ("overlay", Path("/")),
+])
+def test_flavor_is_frozen(write_flavor, attr, value):
+    (f,) = load_flavors([write_flavor("ubuntu.yaml", doc())])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(f, attr, value)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        f.squashfs.compression = "xz"
+
+
+def test_full_builtin_flavor_loads_every_option(write_flavor, tmp_path):
+    (tmp_path / "flavors" / "overlay" / "etc").mkdir(parents=True)
+    text = doc(
+        flavor="debian", release="12",
+        base_image={"mmdebstrap": {"suite": "bookworm", "arch": "arm64", "variant": "apt",
+                                   "mirror": "http://deb.example.org/debian",
+                                   "components": ["main", "contrib"], "include": ["ca-certificates", "vim"]}},
+        variants=["core", "standard"], k3s_versions=["v1.28.2+k3s1", "v1.29.0-rc1+k3s2"],
+        arches=["arm64"], devices=["generic", "rpi4"], raw_generic=True, fips=True,
+        artifacts=["raw", "kernel", "initrd", "squashfs", "sign"], overlay="overlay",
+        builtin={"packages": ["openssh-server", "libc6:arm64"], "initramfs_modules": "dep"},
+        squashfs={"compression": "xz", "block_size": "256k"}, **BUILTIN)
+    (f,) = load_flavors([write_flavor("debian.yaml", text)])
+
+    assert f.base_image == MmdebstrapBase(suite="bookworm", arch="arm64", variant="apt",
+                                          mirror="http://deb.example.org/debian",
+                                          components=("main", "contrib"), include=("ca-certificates", "vim"))
+    assert f.converter == "builtin" and f.kairos_init_image is None
+    assert f.k3s_versions == ("v1.28.2+k3s1", "v1.29.0-rc1+k3s2")
+    assert f.builtin == BuiltinOptions(packages=("openssh-server", "libc6:arm64"), initramfs_modules="dep")
+    assert f.squashfs == SquashfsOptions(compression="xz", block_size="256k")
+    assert f.overlay == (tmp_path / "flavors" / "overlay").resolve() and f.overlay.is_absolute()
+    assert (f.raw_generic, f.fips, f.trusted_boot) == (True, True, False)
+
+
+def test_mmdebstrap_defaults(write_flavor):
+    (f,) = load_flavors([write_flavor("d.yaml", doc(base_image={"mmdebstrap": {"suite": "bookworm"}},
+                                                   **BUILTIN))])
+    assert f.base_image == MmdebstrapBase(suite="bookworm", arch=None, variant="minbase",
+                                          mirror="http://deb.debian.org/debian", components=("main",),
+                                          include=())
+
+
+def test_directory_loads_yaml_and_yml_sorted_and_ignores_the_rest(write_flavor):
+    write_flavor("b.yaml", doc(flavor="bbb"))
+    write_flavor("a.yml", doc(flavor="aaa"))
+    write_flavor("notes.txt", "not: a flavor\n")
+    write_flavor("c.yaml", "this: is not read\n", subdir="flavors/nested")
+    flavors = load_flavors([write_flavor("z.yaml", doc(flavor="zzz")).parent])
+    assert [(f.path.name, f.flavor) for f in flavors] == [("a.yml", "aaa"), ("b.yaml", "bbb"), ("z.yaml", "zzz")]
+
+
+@pytest.mark.parametrize("name", ["upstream", "debian-12.yaml"])
+def test_repository_flavors_are_valid(name):
+    flavors = load_flavors([ROOT / "flavors" / name])
+    assert flavors
+    assert all(isinstance(f, Flavor) for f in flavors)
+
+
+# --- one problem per file: file:line: key.path: message ---------------------------
+
+MMDEBSTRAP = {"mmdebstrap": {"suite": "bookworm"}}
+
+ERROR_CASES = [
+    # text, key path (None: the problem has none), distinctive substring, snippet on the reported line
+    pytest.param("flavor: ubuntu\nrelease: '24.04'\nversion: v3.1.0\n  oops: 1\n", None,
+                 "malformed YAML: mapping values are not allowed here", "oops", id="malformed-yaml"),
+    pytest.param(doc() + "flavor: debian\n", None, "malformed YAML: duplicate key 'flavor'", "flavor: debian",
+                 id="duplicate-yaml-key"),
+    pytest.param(doc(builtin={"packages": ["vim"]}, **BUILTIN).replace("builtin:", "builtin:\n  packages: [curl]"),
+                 None, "malformed YAML: duplicate key 'packages'", "packages: [vim]", id="duplicate-nested-yaml-key"),
+    pytest.param("- ubuntu\n- debian\n", None, "the file must hold one mapping of flavor keys, got a list", None,
+                 id="document-is-a-list"),
+    pytest.param("just a string\n", None, "must hold one mapping of flavor keys, got a string", None,
+                 id="document-is-a-string"),
+    pytest.param("", None, "must hold one mapping of flavor keys, got null", None, id="empty-file"),
+    # unknown keys, top level and nested
+    pytest.param(doc(colour="blue"), "colour", "unknown key (allowed: flavor, release, base_image", "colour:",
+                 id="unknown-top-level-key"),
+    pytest.param(doc(base_image={"mmdebstrap": {"suite": "bookworm", "foo": 1}}, **BUILTIN),
+                 "base_image.mmdebstrap.foo", "unknown key (allowed: suite, arch, variant", "foo: 1",
+                 id="unknown-key-mmdebstrap"),
+    pytest.param(doc(builtin={"foo": 1}, **BUILTIN), "builtin.foo",
+                 "unknown key (allowed: packages, initramfs_modules)", "foo: 1", id="unknown-key-builtin"),
+    pytest.param(doc(squashfs={"foo": 1}), "squashfs.foo", "unknown key (allowed: compression, block_size)",
+                 "foo: 1", id="unknown-key-squashfs"),
+    # missing required keys
+    *[pytest.param(doc(**{key: DROP}), key, "missing required key", None, id=f"missing-{key}")
+      for key in ("flavor", "release", "registry", "version", "variants", "arches", "devices", "artifacts",
+                  "base_image")],
+    pytest.param(doc(base_image={"mmdebstrap": {"arch": "amd64"}}, **BUILTIN), "base_image.mmdebstrap.suite",
+                 "missing required key", None, id="missing-mmdebstrap-suite"),
+    # wrong types
+    pytest.param(swap(doc(), "release: '24.04'", "release: 24.04"), "release",
+                 'must be a string, got number 24.04; quote it, e.g. "24.04"', "release:", id="release-number"),
+    pytest.param(swap(doc(), "release: '24.04'", "release: 3.20"), "release",
+                 'quote it, e.g. "3.20"', "release:",
+                 id="release-number-trailing-zero"),
+    pytest.param(swap(doc(), "release: '24.04'", "release: 12"), "release", 'quote it, e.g. "12"', "release:",
+                 id="release-int"),
+    pytest.param(doc(variants="core"), "variants", "must be a list, got a string", "variants:",
+                 id="variants-string"),
+    pytest.param(doc(arches=[64]), "arches[0]", "must be a string, got a number 64", "arches:",
+                 id="arch-number"),
+    pytest.param(doc(trusted_boot="yes"), "trusted_boot", "must be true or false, got a string 'yes'",
+                 "trusted_boot:", id="trusted-boot-string"),
+    pytest.param(doc(builtin=["vim"], **BUILTIN), "builtin", "must be a mapping, got a list", "builtin:",
+                 id="builtin-list"),
+    pytest.param(doc(base_image=["ubuntu"]), "base_image", "must be an image reference string or", "base_image:",
+                 id="base-image-list"),
+    # bad values
+    *[pytest.param(doc(version=v), "version", f"invalid value {v!r}: a semantic version with a leading v",
+                   "version:", id=f"version-{v}") for v in ("3.1.0", "v3.1", "v3.1.0.1", "v03.1.0")],
+    *[pytest.param(doc(variants=["core", "standard"], k3s_versions=[k]), "k3s_versions[0]",
+                   f"invalid value {k!r}: a k3s release such as v1.28.2+k3s1", "k3s_versions:", id=f"k3s-{k}")
+      for k in ("1.28.2+k3s1", "v1.28.2", "v1.28+k3s1")],
+    pytest.param(doc(flavor="Ubuntu"), "flavor", "invalid value 'Ubuntu'", "flavor:", id="flavor-uppercase"),
+    pytest.param(doc(registry="quay.io/kairos:latest"), "registry", "invalid value 'quay.io/kairos:latest'",
+                 "registry:", id="registry-with-tag"),
+    pytest.param(doc(base_image="Ubuntu:24.04"), "base_image", "not an image reference: 'Ubuntu:24.04'",
+                 "base_image:", id="base-image-bad-ref"),
+    pytest.param(doc(converter="magic"), "converter", "unknown converter 'magic' (allowed: kairos-init, builtin)",
+                 "converter:", id="unknown-converter"),
+    pytest.param(doc(variants=["core", "minimal"]), "variants[1]", "unknown value 'minimal'", "variants:",
+                 id="unknown-variant"),
+    pytest.param(doc(devices=["generic", "rpi5"]), "devices[1]", "unknown value 'rpi5'", "devices:",
+                 id="unknown-device"),
+    pytest.param(doc(artifacts=["iso", "floppy"]), "artifacts[1]",
+                 "unknown value 'floppy' (allowed: iso, raw, ipxe", "artifacts:", id="unknown-artifact"),
+    pytest.param(doc(squashfs={"compression": "bzip2"}), "squashfs.compression", "unknown compressor 'bzip2'",
+                 "compression", id="unknown-compressor"),
+    pytest.param(doc(squashfs={"block_size": "big"}), "squashfs.block_size", "invalid value 'big'",
+                 "block_size", id="bad-block-size"),
+    pytest.param(doc(base_image={"mmdebstrap": {"suite": "bookworm", "arch": "riscv64"}}, **BUILTIN),
+                 "base_image.mmdebstrap.arch", "unknown arch 'riscv64'", "riscv64", id="mmdebstrap-arch"),
+    pytest.param(doc(builtin={"initramfs_modules": "all"}, **BUILTIN), "builtin.initramfs_modules",
+                 "unknown value 'all'", "initramfs_modules", id="initramfs-modules"),
+    # duplicate list entries
+    *[pytest.param(doc(**{key: items}), f"{key}[1]", f"duplicate value {items[1]!r}", f"{key}:",
+                   id=f"duplicate-{key}")
+      for key, items in (("arches", ["amd64", "amd64"]), ("devices", ["generic", "generic"]),
+                         ("artifacts", ["iso", "iso"]), ("variants", ["core", "core"]))],
+    # cross-field rules
+    pytest.param(doc(devices=["rpi4"], artifacts=["raw"]), "devices",
+                 "rpi4 needs arch arm64, but arches lists only amd64", "devices:", id="amd64-with-rpi4"),
+    pytest.param(doc(variants=["core", "standard"]), "variants",
+                 "the standard variant needs at least one k3s version", "variants:", id="standard-without-k3s"),
+    pytest.param(doc(variants=["standard"], k3s_versions=[]), "k3s_versions",
+                 "the standard variant needs at least one k3s version", "k3s_versions:",
+                 id="standard-with-empty-k3s"),
+    pytest.param(doc(k3s_versions=["v1.28.2+k3s1"]), "k3s_versions", "only used by the standard variant",
+                 "k3s_versions:", id="k3s-without-standard"),
+    pytest.param(doc(kairos_init_image=DROP), "kairos_init_image", "required when converter is kairos-init",
+                 None, id="kairos-init-without-image"),
+    pytest.param(doc(converter="kairos-init", kairos_init_image=DROP), "kairos_init_image",
+                 "required when converter is kairos-init", None, id="explicit-kairos-init-without-image"),
+    pytest.param(doc(kairos_init_image="quay.io/kairos/kairos-init"), "kairos_init_image",
+                 "'quay.io/kairos/kairos-init' must be pinned to a tag or digest", "kairos_init_image:",
+                 id="kairos-init-image-unpinned"),
+    pytest.param(doc(converter="builtin"), "kairos_init_image",
+                 "only used with converter: kairos-init (this flavor uses builtin)", "kairos_init_image:",
+                 id="kairos-init-image-with-builtin"),
+    pytest.param(doc(builtin={"packages": ["vim"]}), "builtin", "only used with converter: builtin",
+                 "builtin:", id="builtin-with-kairos-init"),
+    pytest.param(doc(overlay="no-such-overlay"), "overlay", "directory 'no-such-overlay' does not exist",
+                 "overlay:", id="overlay-missing"),
+    pytest.param(doc(artifacts=["iso", "raw"]), "artifacts",
+                 "raw images are built for rpi devices only; set raw_generic: true", "artifacts:",
+                 id="raw-generic-only"),
+    pytest.param(doc(base_image={"mmdebstrap": {"suite": "bookworm", "arch": "amd64"}},
+                     arches=["amd64", "arm64"], **BUILTIN), "base_image",
+                 "mmdebstrap arch amd64 cannot serve arches arm64", "base_image:", id="mmdebstrap-arch-vs-arches"),
+    pytest.param(doc(trusted_boot=True, arches=["arm64"], devices=["generic", "rpi4"]), "trusted_boot",
+                 "trusted boot is only supported for generic devices", "trusted_boot:", id="trusted-boot-rpi"),
+]
+
+
+@pytest.mark.parametrize("text, keypath, message, at", ERROR_CASES)
+def test_config_error_names_file_line_key_and_problem(write_flavor, text, keypath, message, at):
+    path = write_flavor("bad.yaml", text)
+    problems = problems_of([path])
+
+    assert all(p.startswith(f"{path}:") for p in problems), problems
+    hits = [p for p in problems if message in p and (keypath is None or f" {keypath}: " in p)]
+    assert hits, f"no problem with {keypath!r} and {message!r} in {problems}"
+    if at is not None:
+        line = line_of(text, at)
+        prefix = f"{path}:{line}: " + (f"{keypath}: " if keypath else "")
+        assert any(p.startswith(prefix) for p in hits), f"expected {prefix!r} in {hits}"
+
+
+def test_all_problems_of_one_file_are_reported(write_flavor):
+    text = doc(colour="blue", version="3.1", registry=DROP, trusted_boot="no")
+    path = write_flavor("bad.yaml", text)
+    problems = problems_of([path])
+    assert f"{path}:{line_of(text, 'colour')}: colour: unknown key" in "\n".join(problems)
+    assert any(" version: invalid value '3.1'" in p for p in problems)
+    assert f"{path}: registry: missing required key" in problems
+    assert any(" trusted_boot: must be true or false" in p for p in problems)
+    assert len(problems) == 4, problems
+
+
+def test_several_bad_files_are_reported_together(write_flavor):
+    good = write_flavor("a-good.yaml", doc(flavor="good"))
+    bad1 = write_flavor("b-bad.yaml", doc(colour="blue"))
+    bad2 = write_flavor("c-bad.yaml", doc(version="v3"))
+    bad3 = write_flavor("d-bad.yaml", "flavor: [unclosed\n")
+    problems = problems_of([good.parent])
+    assert any(p.startswith(f"{bad1}:") and " colour: unknown key" in p for p in problems)
+    assert any(p.startswith(f"{bad2}:") and " version: invalid value 'v3'" in p for p in problems)
+    assert any(p.startswith(f"{bad3}:") and "malformed YAML" in p for p in problems)
+    assert not any(p.startswith(f"{good}:") for p in problems)
+
+
+def test_files_and_directories_mix_and_all_problems_come_together(write_flavor, tmp_path):
+    bad_dir_file = write_flavor("x.yaml", doc(arches=["amd64", "amd64"]), subdir="one")
+    bad_file = write_flavor("y.yaml", doc(devices=DROP), subdir="two")
+    problems = problems_of([bad_dir_file.parent, bad_file, tmp_path / "missing"])
+    assert any(p.startswith(f"{bad_dir_file}:") and "arches[1]: duplicate value" in p for p in problems)
+    assert f"{bad_file}: devices: missing required key" in problems
+    assert f"{tmp_path / 'missing'}: no such flavor file or directory" in problems
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("empty-dir", "no flavor files (*.yaml) in this directory"),
+    ("dir-with-other-files", "no flavor files (*.yaml) in this directory"),
+    ("nonexistent", "no such flavor file or directory"),
+])
+def test_source_problems(tmp_path, setup, message):
+    source = tmp_path / "flavors"
+    if setup != "nonexistent":
+        source.mkdir()
+    if setup == "dir-with-other-files":
+        (source / "README.md").write_text("flavor: ubuntu\n")
+    assert problems_of([source]) == [f"{source}: {message}"]
+
+
+def test_paths_below_the_working_directory_are_shown_relative(write_flavor, tmp_path, monkeypatch):
+    write_flavor("bad.yaml", doc(colour="blue"))
+    monkeypatch.chdir(tmp_path)
+    problems = problems_of([Path("flavors")])
+    assert problems and all(p.startswith(f"{Path('flavors', 'bad.yaml')}:") for p in problems), problems
+
+
+@pytest.mark.parametrize("ref, parts", [
+    ("ubuntu:24.04", ("ubuntu", "24.04", None)),
+    ("opensuse/leap:15.6", ("opensuse/leap", "15.6", None)),
+    ("quay.io/kairos/kairos-init:v4.3.0", ("quay.io/kairos/kairos-init", "v4.3.0", None)),
+    ("127.0.0.1:5000/kairos/debian:12-core", ("127.0.0.1:5000/kairos/debian", "12-core", None)),
+    ("localhost:5000/a/b", ("localhost:5000/a/b", None, None)),
+    (f"quay.io/kairos/kairos-init@{DIGEST}", ("quay.io/kairos/kairos-init", None, DIGEST)),
+    (f"ubuntu:24.04@{DIGEST}", ("ubuntu", "24.04", DIGEST)),
+])
+def test_parse_ref(ref, parts):
+    assert parse_ref(ref) == parts
+
+
+@pytest.mark.parametrize("ref", ["Ubuntu:24.04", "ubuntu 24.04", "ubuntu:", "ubuntu@sha256:abc", ""])
+def test_parse_ref_rejects(ref):
+    with pytest.raises(ValueError, match="not an image reference"):
+        parse_ref(ref)
