@@ -14,7 +14,7 @@ from pathlib import Path
 from doit import get_var
 
 from tasks import graph
-from tasks.stages import base, convert, extract, pending, preflight, push, resolve
+from tasks.stages import base, convert, extract, ipxe, iso, pending, preflight, push, raw, resolve
 
 CTX = graph.load(Path(__file__).resolve().parent,
                  get_var("flavors", os.environ.get("KAIROS_FLAVORS")),
@@ -74,17 +74,17 @@ def task_squashfs():
 
 def task_iso():
     """Build <stem>.iso (not implemented yet)."""
-    yield from pending.tasks(CTX, "iso")
+    yield from iso.tasks(CTX)
 
 
 def task_raw():
     """Build the raw disk <stem>.img (not implemented yet)."""
-    yield from pending.tasks(CTX, "raw")
+    yield from raw.tasks(CTX)
 
 
 def task_ipxe():
     """Build the iPXE script, ISO and USB image (not implemented yet)."""
-    yield from pending.tasks(CTX, "ipxe")
+    yield from ipxe.tasks(CTX)
 
 
 def task_sbom():

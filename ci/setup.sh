@@ -13,7 +13,9 @@ die() { echo "setup: error: $*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (it installs Debian packages and starts dockerd)"
 
-APT_PACKAGES=(docker.io docker-registry mmdebstrap squashfs-tools tar curl ca-certificates)
+APT_PACKAGES=(docker.io docker-registry mmdebstrap squashfs-tools tar curl ca-certificates
+  grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools dosfstools e2fsprogs fdisk ipxe
+  qemu-system-x86 qemu-system-arm qemu-efi-aarch64 ovmf qemu-user-static binfmt-support zstd)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -75,3 +77,36 @@ EOF
   fi
 fi
 log "registry: http://127.0.0.1:5000 ok"
+
+# --- arm64 cross builds (issue #3): qemu-user-static through binfmt_misc -------------------
+# arm64 images (rpi3/rpi4 and arm64 generic builds) are converted on amd64 hosts by running
+# their binaries under qemu-aarch64-static. Debian registers it with fix_binary (F flag), so
+# the host interpreter also serves containers. Idempotent: mounts binfmt_misc only when it is
+# not mounted, enables qemu-aarch64 only when disabled, then proves that an arm64 ELF runs.
+if [ "$(uname -m)" != aarch64 ]; then
+  if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
+    log "mounting binfmt_misc on /proc/sys/fs/binfmt_misc"
+    mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc ||
+      die "cannot mount binfmt_misc (needed for arm64 builds); on a container host run: modprobe binfmt_misc"
+  fi
+  if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+    log "enabling qemu-aarch64 in binfmt_misc"
+    update-binfmts --enable qemu-aarch64 || die "update-binfmts --enable qemu-aarch64 failed"
+  fi
+  # a 132-byte static arm64 ELF that exits with status 42 (movz x0,#42; movz x8,#93; svc #0)
+  probe=$(mktemp /tmp/kairos-arm64-probe.XXXXXX)
+  printf '\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00'\
+'\x02\x00\xb7\x00\x01\x00\x00\x00\x78\x00\x40\x00\x00\x00\x00\x00'\
+'\x40\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00'\
+'\x00\x00\x00\x00\x40\x00\x38\x00\x01\x00\x00\x00\x00\x00\x00\x00'\
+'\x01\x00\x00\x00\x05\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00'\
+'\x00\x00\x40\x00\x00\x00\x00\x00\x00\x00\x40\x00\x00\x00\x00\x00'\
+'\x84\x00\x00\x00\x00\x00\x00\x00\x84\x00\x00\x00\x00\x00\x00\x00'\
+'\x00\x10\x00\x00\x00\x00\x00\x00'\
+'\x40\x05\x80\xd2\xa8\x0b\x80\xd2\x01\x00\x00\xd4' >"$probe"
+  chmod 755 "$probe"
+  status=0; "$probe" || status=$?
+  rm -f "$probe"
+  [ "$status" = 42 ] || die "an arm64 binary does not run (status $status) although qemu-aarch64 is enabled in binfmt_misc"
+  log "arm64 binaries run through qemu-aarch64 (binfmt_misc)"
+fi

@@ -20,6 +20,9 @@ DEVICES = {"generic": ("amd64", "arm64"), "rpi3": ("arm64",), "rpi4": ("arm64",)
 CONVERTERS = ("kairos-init", "builtin")
 SQUASHFS_COMPRESSORS = ("gzip", "xz", "zstd", "lz4", "lzo")
 INITRAMFS_MODULES = ("most", "dep", "list", "netboot")
+BUILDERS = ("native", "auroraboot")
+DEFAULT_AURORABOOT_IMAGE = "quay.io/kairos/auroraboot:v0.19.4"
+URL_RE = re.compile(r"^https?://[^\s/]+(/\S*)?$")
 
 VERSION_RE = re.compile(r"^v(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?$")
 K3S_RE = re.compile(r"^v(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-rc\d+)?\+k3s\d+$")
@@ -95,6 +98,9 @@ class Flavor:
     raw_generic: bool = False
     builtin: BuiltinOptions = field(default_factory=BuiltinOptions)
     squashfs: SquashfsOptions = field(default_factory=SquashfsOptions)
+    builder: str = "native"
+    auroraboot_image: str = DEFAULT_AURORABOOT_IMAGE
+    netboot_url: str | None = None
 
 
 # --- YAML loading with line numbers and duplicate-key detection -------------
@@ -235,7 +241,7 @@ def _type_name(value: Any) -> str:
 
 TOP_KEYS = ("flavor", "release", "base_image", "version", "variants", "k3s_versions", "arches", "devices",
             "converter", "kairos_init_image", "registry", "artifacts", "overlay", "trusted_boot", "fips",
-            "raw_generic", "builtin", "squashfs")
+            "raw_generic", "builtin", "squashfs", "builder", "auroraboot_image", "netboot_url")
 MMDEBSTRAP_KEYS = ("suite", "arch", "variant", "mirror", "components", "include")
 BUILTIN_KEYS = ("packages", "initramfs_modules")
 SQUASHFS_KEYS = ("compression", "block_size")
@@ -358,7 +364,21 @@ def _check_doc(path: Path, doc: Any, problems: list[str]) -> Flavor | None:
                              pattern=re.compile(r"^\d+[kKmM]?$"), hint="e.g. 1024k")
             squashfs = SquashfsOptions(compression=comp, block_size=block or "1024k")
 
+    builder = c.string(doc, "builder", required=False, default="native")
+    if builder is not None and builder not in BUILDERS:
+        c.problem("builder", f"unknown builder {builder!r} (allowed: {', '.join(BUILDERS)})")
+        builder = None
+    auroraboot = c.string(doc, "auroraboot_image", required=False, default=DEFAULT_AURORABOOT_IMAGE,
+                          pattern=REF_RE, hint="an image reference such as " + DEFAULT_AURORABOOT_IMAGE)
+    netboot_url = c.string(doc, "netboot_url", required=False, pattern=URL_RE,
+                           hint="an http(s) URL where the kernel, initrd and squashfs are served")
+    if netboot_url:
+        netboot_url = netboot_url.rstrip("/")
+
     # cross-field rules
+    if artifacts is not None and "ipxe" in artifacts and "netboot_url" not in doc:
+        problems.append(f"{path}: netboot_url: required when artifacts lists ipxe (the http(s) URL "
+                        "where <stem>-kernel, -initrd and .squashfs will be served)")
     if converter == "kairos-init":
         if "kairos_init_image" not in doc:
             problems.append(f"{path}: kairos_init_image: required when converter is kairos-init "
@@ -399,7 +419,8 @@ def _check_doc(path: Path, doc: Any, problems: list[str]) -> Flavor | None:
                   variants=variants, k3s_versions=k3s or (), arches=arches, devices=devices,
                   converter=converter, kairos_init_image=kairos_init if converter == "kairos-init" else None,
                   registry=registry, artifacts=artifacts, overlay=overlay, trusted_boot=trusted, fips=fips,
-                  raw_generic=raw_generic, builtin=builtin, squashfs=squashfs)
+                  raw_generic=raw_generic, builtin=builtin, squashfs=squashfs, builder=builder,
+                  auroraboot_image=auroraboot, netboot_url=netboot_url)
 
 
 def _display(path: Path) -> Path:

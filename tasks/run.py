@@ -70,6 +70,20 @@ PROVIDERS = {
     "unsquashfs": "Debian package squashfs-tools",
     "tar": "Debian package tar",
     "docker-registry": "Debian package docker-registry",
+    "grub-mkrescue": "Debian packages grub-common, grub-pc-bin and grub-efi-amd64-bin",
+    "grub-mkstandalone": "Debian package grub-common",
+    "xorriso": "Debian package xorriso",
+    "mformat": "Debian package mtools",
+    "mcopy": "Debian package mtools",
+    "mmd": "Debian package mtools",
+    "mkfs.vfat": "Debian package dosfstools",
+    "fsck.vfat": "Debian package dosfstools",
+    "mkfs.ext4": "Debian package e2fsprogs",
+    "e2fsck": "Debian package e2fsprogs",
+    "sfdisk": "Debian package fdisk",
+    "qemu-system-x86_64": "Debian package qemu-system-x86",
+    "qemu-system-aarch64": "Debian package qemu-system-arm",
+    "update-binfmts": "Debian package binfmt-support",
 }
 
 

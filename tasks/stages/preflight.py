@@ -5,6 +5,11 @@ from ..graph import Context, action
 from ..matrix import Build
 from ..run import UsageError, require_tool
 from ..tools import docker
+from . import ipxe, iso, raw
+
+# artifact kind -> stage module; a module's optional `tools(build)` returns
+# {program: what it is needed for}
+STAGES = {"iso": iso, "raw": raw, "ipxe": ipxe}
 
 
 def tools_needed(builds: tuple[Build, ...]) -> dict[str, str]:
@@ -16,6 +21,9 @@ def tools_needed(builds: tuple[Build, ...]) -> dict[str, str]:
         if "squashfs" in b.kinds:
             need["mksquashfs"] = "build the .squashfs root filesystem"
             need["tar"] = "unpack the image root filesystem"
+        for kind, module in STAGES.items():
+            if kind in b.kinds and hasattr(module, "tools"):
+                need.update(module.tools(b))
     return need
 
 
