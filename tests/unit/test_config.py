@@ -262,7 +262,24 @@ ERROR_CASES = [
                  "mmdebstrap arch amd64 cannot serve arches arm64", "base_image:", id="mmdebstrap-arch-vs-arches"),
     pytest.param(doc(trusted_boot=True, arches=["arm64"], devices=["generic", "rpi4"]), "trusted_boot",
                  "trusted boot is only supported for generic devices", "trusted_boot:", id="trusted-boot-rpi"),
+    pytest.param(doc(builder="mkosi"), "builder", "unknown builder 'mkosi' (allowed: native, auroraboot)",
+                 "builder:", id="unknown-builder"),
+    pytest.param(doc(auroraboot_image="Not A Ref"), "auroraboot_image", "invalid value 'Not A Ref'",
+                 "auroraboot_image:", id="auroraboot-image-not-a-ref"),
+    pytest.param(doc(artifacts=["ipxe"]), "netboot_url", "required when artifacts lists ipxe", None,
+                 id="ipxe-without-netboot-url"),
+    pytest.param(doc(artifacts=["ipxe"], netboot_url="ftp://host/x"), "netboot_url", "invalid value 'ftp://host/x'",
+                 "netboot_url:", id="netboot-url-not-http"),
 ]
+
+
+def test_builder_and_netboot_defaults_and_values(write_flavor):
+    (f,) = load_flavors([write_flavor("a.yaml", doc())])
+    assert (f.builder, f.auroraboot_image, f.netboot_url) == \
+        ("native", "quay.io/kairos/auroraboot:v0.19.4", None)
+    (g,) = load_flavors([write_flavor("b.yaml", doc(builder="auroraboot", artifacts=["iso", "ipxe"],
+                                                     netboot_url="http://10.0.2.2:8080/files/"))])
+    assert (g.builder, g.netboot_url) == ("auroraboot", "http://10.0.2.2:8080/files")
 
 
 @pytest.mark.parametrize("text, keypath, message, at", ERROR_CASES)
