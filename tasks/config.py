@@ -22,6 +22,9 @@ SQUASHFS_COMPRESSORS = ("gzip", "xz", "zstd", "lz4", "lzo")
 INITRAMFS_MODULES = ("most", "dep", "list", "netboot")
 BUILDERS = ("native", "auroraboot")
 DEFAULT_AURORABOOT_IMAGE = "quay.io/kairos/auroraboot:v0.19.4"
+SEVERITIES = ("UNKNOWN", "LOW", "MEDIUM", "HIGH", "CRITICAL")
+POLICIES = ("report-only", "enforce")
+ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 URL_RE = re.compile(r"^https?://[^\s/]+(/\S*)?$")
 
 VERSION_RE = re.compile(r"^v(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?$")
@@ -76,6 +79,27 @@ class SquashfsOptions:
 
 
 @dataclass(frozen=True)
+class ScanOptions:
+    """Vulnerability/secret scanning policy of trivy and grype."""
+
+    policy: str = "report-only"        # or "enforce": fail on findings at or above severity
+    severity: str = "CRITICAL"
+    vulnerabilities: bool = True       # false: trivy scans secrets only, grype is not allowed
+    trivy_db: Path | None = None       # trivy cache dir holding db/trivy.db + db/metadata.json
+    grype_db: Path | None = None       # GRYPE_DB_CACHE_DIR holding a grype database
+    download_db: bool = False          # let the scanners download their databases (needs network)
+
+
+@dataclass(frozen=True)
+class SignOptions:
+    """cosign signing: key-based offline (default) or keyless."""
+
+    key: Path | None = None            # cosign.key; cosign.pub must sit next to it
+    password_env: str = "COSIGN_PASSWORD"
+    keyless: bool = False
+
+
+@dataclass(frozen=True)
 class Flavor:
     """One flavor file, validated."""
 
@@ -101,6 +125,8 @@ class Flavor:
     builder: str = "native"
     auroraboot_image: str = DEFAULT_AURORABOOT_IMAGE
     netboot_url: str | None = None
+    scan: ScanOptions = field(default_factory=ScanOptions)
+    sign: SignOptions = field(default_factory=SignOptions)
 
 
 # --- YAML loading with line numbers and duplicate-key detection -------------
@@ -241,7 +267,9 @@ def _type_name(value: Any) -> str:
 
 TOP_KEYS = ("flavor", "release", "base_image", "version", "variants", "k3s_versions", "arches", "devices",
             "converter", "kairos_init_image", "registry", "artifacts", "overlay", "trusted_boot", "fips",
-            "raw_generic", "builtin", "squashfs", "builder", "auroraboot_image", "netboot_url")
+            "raw_generic", "builtin", "squashfs", "builder", "auroraboot_image", "netboot_url", "scan", "sign")
+SCAN_KEYS = ("policy", "severity", "vulnerabilities", "trivy_db", "grype_db", "download_db")
+SIGN_KEYS = ("key", "password_env", "keyless")
 MMDEBSTRAP_KEYS = ("suite", "arch", "variant", "mirror", "components", "include")
 BUILTIN_KEYS = ("packages", "initramfs_modules")
 SQUASHFS_KEYS = ("compression", "block_size")
@@ -291,6 +319,61 @@ def _check_base(c: _Checker, doc: _Map) -> str | MmdebstrapBase | None:
     c.problem("base_image", "must be an image reference string or {mmdebstrap: {suite: ..., arch: ...}}, "
               f"got {_type_name(value)}")
     return None
+
+
+def _section(c: _Checker, doc: _Map, name: str, keys: tuple[str, ...]) -> dict | None:
+    if name not in doc:
+        return {}
+    spec = doc[name]
+    if not isinstance(spec, dict):
+        c.problem(name, f"must be a mapping, got {_type_name(spec)}")
+        return None
+    c.unknown_keys(spec, keys, f"{name}.")
+    return spec
+
+
+def _path_option(c: _Checker, spec: dict, name: str, key: str, base: Path, kind: str) -> Path | None:
+    raw = c.string(spec, key, f"{name}.", required=False)
+    if raw is None:
+        return None
+    resolved = (base / raw).resolve()
+    ok = resolved.is_dir() if kind == "dir" else resolved.is_file()
+    if not ok:
+        c.problem(f"{name}.{key}", f"{'directory' if kind == 'dir' else 'file'} {raw!r} does not exist "
+                  f"(resolved to {resolved})", spec, key)
+        return None
+    return resolved
+
+
+def _check_scan(c: _Checker, doc: _Map, path: Path) -> ScanOptions | None:
+    spec = _section(c, doc, "scan", SCAN_KEYS)
+    if spec is None:
+        return None
+    policy = c.string(spec, "policy", "scan.", required=False, default="report-only")
+    if policy not in POLICIES:
+        c.problem("scan.policy", f"unknown policy {policy!r} (allowed: {', '.join(POLICIES)})", spec, "policy")
+    severity = c.string(spec, "severity", "scan.", required=False, default="CRITICAL")
+    if severity not in SEVERITIES:
+        c.problem("scan.severity", f"unknown severity {severity!r} (allowed: {', '.join(SEVERITIES)})",
+                  spec, "severity")
+    return ScanOptions(policy=policy, severity=severity,
+                       vulnerabilities=c.boolean(spec, "vulnerabilities", "scan.", default=True),
+                       trivy_db=_path_option(c, spec, "scan", "trivy_db", path.parent, "dir"),
+                       grype_db=_path_option(c, spec, "scan", "grype_db", path.parent, "dir"),
+                       download_db=c.boolean(spec, "download_db", "scan.", default=False))
+
+
+def _check_sign(c: _Checker, doc: _Map, path: Path) -> SignOptions | None:
+    spec = _section(c, doc, "sign", SIGN_KEYS)
+    if spec is None:
+        return None
+    key = _path_option(c, spec, "sign", "key", path.parent, "file")
+    if key is not None and not key.with_suffix(".pub").is_file():
+        c.problem("sign.key", f"no public key {key.with_suffix('.pub').name} next to {key}", spec, "key")
+    env = c.string(spec, "password_env", "sign.", required=False, default="COSIGN_PASSWORD", pattern=ENV_RE,
+                   hint="an environment variable name")
+    return SignOptions(key=key, password_env=env or "COSIGN_PASSWORD",
+                       keyless=c.boolean(spec, "keyless", "sign.", default=False))
 
 
 def _check_doc(path: Path, doc: Any, problems: list[str]) -> Flavor | None:
@@ -375,7 +458,16 @@ def _check_doc(path: Path, doc: Any, problems: list[str]) -> Flavor | None:
     if netboot_url:
         netboot_url = netboot_url.rstrip("/")
 
+    scan = _check_scan(c, doc, path)
+    sign = _check_sign(c, doc, path)
+
     # cross-field rules
+    if artifacts is not None and "grype" in artifacts and scan and not scan.vulnerabilities:
+        c.problem("artifacts", "grype only scans vulnerabilities, which scan.vulnerabilities: false turns off; "
+                  "remove grype from artifacts")
+    if artifacts is not None and "sign" in artifacts and sign and not sign.keyless and sign.key is None:
+        problems.append(f"{path}: sign.key: required when artifacts lists sign (a cosign.key made by "
+                        "`cosign generate-key-pair`), or set sign.keyless: true")
     if artifacts is not None and "ipxe" in artifacts and "netboot_url" not in doc:
         problems.append(f"{path}: netboot_url: required when artifacts lists ipxe (the http(s) URL "
                         "where <stem>-kernel, -initrd and .squashfs will be served)")
@@ -420,7 +512,7 @@ def _check_doc(path: Path, doc: Any, problems: list[str]) -> Flavor | None:
                   converter=converter, kairos_init_image=kairos_init if converter == "kairos-init" else None,
                   registry=registry, artifacts=artifacts, overlay=overlay, trusted_boot=trusted, fips=fips,
                   raw_generic=raw_generic, builtin=builtin, squashfs=squashfs, builder=builder,
-                  auroraboot_image=auroraboot, netboot_url=netboot_url)
+                  auroraboot_image=auroraboot, netboot_url=netboot_url, scan=scan, sign=sign)
 
 
 def _display(path: Path) -> Path:

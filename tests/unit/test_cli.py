@@ -26,6 +26,7 @@ FLAVOR = {
     "kairos_init_image": "quay.io/kairos/kairos-init:v4.3.0",
     "registry": "quay.io/kairos",
     "artifacts": ["iso", "raw", "kernel", "initrd", "trivy", "sign"],
+    "sign": {"keyless": True},
 }
 RPI4_STANDARD = "kairos-ubuntu-23.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2+k3s1"
 

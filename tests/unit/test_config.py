@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.config import (BuiltinOptions, ConfigError, Flavor, MmdebstrapBase, SquashfsOptions,
-                          load_flavors, parse_ref)
+from tasks.config import (BuiltinOptions, ConfigError, Flavor, MmdebstrapBase, ScanOptions, SignOptions,
+                          SquashfsOptions, load_flavors, parse_ref)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,6 +100,10 @@ def test_flavor_is_frozen(write_flavor, attr, value):
 
 def test_full_builtin_flavor_loads_every_option(write_flavor, tmp_path):
     (tmp_path / "flavors" / "overlay" / "etc").mkdir(parents=True)
+    (tmp_path / "flavors" / "keys").mkdir()
+    (tmp_path / "flavors" / "keys" / "cosign.key").write_text("private")
+    (tmp_path / "flavors" / "keys" / "cosign.pub").write_text("public")
+    (tmp_path / "flavors" / "trivy-db").mkdir()
     text = doc(
         flavor="debian", release="12",
         base_image={"mmdebstrap": {"suite": "bookworm", "arch": "arm64", "variant": "apt",
@@ -109,8 +113,14 @@ def test_full_builtin_flavor_loads_every_option(write_flavor, tmp_path):
         arches=["arm64"], devices=["generic", "rpi4"], raw_generic=True, fips=True,
         artifacts=["raw", "kernel", "initrd", "squashfs", "sign"], overlay="overlay",
         builtin={"packages": ["openssh-server", "libc6:arm64"], "initramfs_modules": "dep"},
-        squashfs={"compression": "xz", "block_size": "256k"}, **BUILTIN)
+        squashfs={"compression": "xz", "block_size": "256k"},
+        scan={"policy": "enforce", "severity": "HIGH", "trivy_db": "trivy-db"},
+        sign={"key": "keys/cosign.key", "password_env": "MY_PASS"}, **BUILTIN)
     (f,) = load_flavors([write_flavor("debian.yaml", text)])
+    flavors = (tmp_path / "flavors").resolve()
+    assert f.scan == ScanOptions(policy="enforce", severity="HIGH", vulnerabilities=True,
+                                 trivy_db=flavors / "trivy-db", grype_db=None, download_db=False)
+    assert f.sign == SignOptions(key=flavors / "keys" / "cosign.key", password_env="MY_PASS", keyless=False)
 
     assert f.base_image == MmdebstrapBase(suite="bookworm", arch="arm64", variant="apt",
                                           mirror="http://deb.example.org/debian",
@@ -270,6 +280,22 @@ ERROR_CASES = [
                  id="ipxe-without-netboot-url"),
     pytest.param(doc(artifacts=["ipxe"], netboot_url="ftp://host/x"), "netboot_url", "invalid value 'ftp://host/x'",
                  "netboot_url:", id="netboot-url-not-http"),
+    pytest.param(doc(scan={"policy": "strict"}), "scan.policy", "unknown policy 'strict'", "policy:",
+                 id="scan-policy"),
+    pytest.param(doc(scan={"severity": "high"}), "scan.severity", "unknown severity 'high'", "severity:",
+                 id="scan-severity-case"),
+    pytest.param(doc(scan={"trivy_db": "no-such-db"}), "scan.trivy_db", "directory 'no-such-db' does not exist",
+                 "trivy_db:", id="scan-trivy-db-missing"),
+    pytest.param(doc(scan={"vulnerabilities": False}, artifacts=["grype"]), "artifacts",
+                 "grype only scans vulnerabilities", "artifacts:", id="grype-without-vulnerabilities"),
+    pytest.param(doc(scan="yes"), "scan", "must be a mapping", "scan:", id="scan-not-mapping"),
+    pytest.param(doc(scan={"foo": 1}), "scan.foo", "unknown key", "foo:", id="scan-unknown-key"),
+    pytest.param(doc(artifacts=["sign"]), "sign.key", "required when artifacts lists sign", None,
+                 id="sign-without-key"),
+    pytest.param(doc(artifacts=["sign"], sign={"key": "nope.key"}), "sign.key", "file 'nope.key' does not exist",
+                 "key:", id="sign-key-missing"),
+    pytest.param(doc(sign={"password_env": "BAD-NAME"}), "sign.password_env", "invalid value 'BAD-NAME'",
+                 "password_env:", id="sign-password-env"),
 ]
 
 
