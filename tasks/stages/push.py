@@ -29,14 +29,15 @@ def ensure_image(paths: Paths, b: Build) -> str:
     """The converted image in the local daemon; pulled back by digest when a fresh
     daemon (e.g. a CI runner with a restored state cache) does not have it."""
     image = read_digest(image_file(paths, b))
-    if docker.image_id(image):
-        return image
-    digest = read_digest(pushed_file(paths, b))
-    repo = b.image.rpartition(":")[0]
-    got = docker.pull(repo, digest, b.platform)
-    if got != image:
-        raise KairosError(f"{repo}@{digest} is image {got}, but the state says {b.stem} is {image}; "
-                          f"the registry was changed behind our back: doit forget convert:{b.stem}")
+    if not docker.image_id(image):
+        digest = read_digest(pushed_file(paths, b))
+        repo = b.image.rpartition(":")[0]
+        got = docker.pull(repo, digest, b.platform)
+        if got != image:
+            raise KairosError(f"{repo}@{digest} is image {got}, but the state says {b.stem} is {image}; "
+                              f"the registry was changed behind our back: doit forget convert:{b.stem}")
+    if docker.image_id(b.image) != image:
+        docker.tag(image, b.image)  # tools given the tag (syft, trivy, grype) see this very image
     return image
 
 

@@ -1,0 +1,54 @@
+"""sbom: `<stem>-sbom.spdx.json` and `<stem>-sbom.syft.json` of the converted image (syft).
+
+SBOMs are published as separate files (attestations over 40 MiB break pushes);
+the sign stage attests the SPDX one to the image as well.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..graph import Context, action
+from ..matrix import Build
+from ..run import run, say
+from ..state import Paths, atomic_path
+from .convert import image_file
+from .extract import output
+from .push import ensure_image, pushed_file
+
+SYFT_ENV = {"SYFT_CHECK_FOR_APP_UPDATE": "false"}
+
+
+def syft_argv(image: str, spdx: Path, syft_json: Path) -> list[str]:
+    """One syft catalog run writing both formats (pure)."""
+    return ["syft", f"docker:{image}", "--quiet", "-o", f"spdx-json={spdx}", "-o", f"json={syft_json}"]
+
+
+def files(paths: Paths, b: Build) -> tuple[Path, Path]:
+    return output(paths, b, "-sbom.spdx.json"), output(paths, b, "-sbom.syft.json")
+
+
+def sbom(paths: Paths, b: Build) -> None:
+    ensure_image(paths, b)
+    spdx, syft_json = files(paths, b)
+    say(f"    syft docker:{b.image}")
+    with atomic_path(spdx) as tmp_spdx, atomic_path(syft_json) as tmp_syft:
+        run(syft_argv(b.image, tmp_spdx, tmp_syft), env=SYFT_ENV, what=f"syft {b.stem}")
+
+
+def tools(b: Build) -> dict[str, str]:
+    return {"syft": "write the SBOMs"}
+
+
+def tasks(ctx: Context):
+    for b in ctx.builds:
+        if "sbom" not in b.kinds:
+            continue
+        yield {
+            "name": b.stem,
+            "doc": f"SPDX and syft SBOMs of {b.image}",
+            "actions": [action(sbom, ctx.paths, b)],
+            "file_dep": [str(image_file(ctx.paths, b)), str(pushed_file(ctx.paths, b))],
+            "targets": [str(p) for p in files(ctx.paths, b)],
+            "clean": True,
+            "verbosity": 2,
+        }

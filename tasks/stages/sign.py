@@ -1,0 +1,272 @@
+"""sign + verify: cosign signatures and attestations.
+
+sign (key-based and offline by default: `--tlog-upload=false`; keyless is passed
+through to cosign and needs network):
+- `cosign sign` of the pushed image (by digest, in the flavor's registry);
+- `cosign attest --type spdxjson` with the SBOM, and an in-toto SLSA v1
+  provenance statement (`<stem>-provenance.json`) attested as `slsaprovenance1`;
+- `cosign sign-blob` of every artifact's `.sha256` -> `<file>.sha256.sig` + `.bundle`.
+The key password is read from the environment variable the flavor names
+(default COSIGN_PASSWORD) and handed to cosign in its environment, never in argv.
+
+verify (run on demand: `doit verify`): every artifact against its .sha256, every
+blob signature, the image signature and its attestations; KAIROS_VERIFY_KEY
+overrides the public key (to check that another key fails).
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from doit.tools import config_changed
+
+from .. import naming
+from ..config import Flavor
+from ..graph import Context, action
+from ..matrix import Build
+from ..run import CommandError, KairosError, UsageError, run, say
+from ..state import Paths, atomic_path, read_digest, sha256_file, write_text_atomic
+from . import convert
+from .extract import output
+from .push import pushed_file
+
+STAGE_VERSION = 1
+PROVENANCE_TYPE = "slsaprovenance1"
+BUILD_TYPE = "https://kairos-doit.dev/build/v1"  # names this pipeline's build type
+COSIGN_ENV = {"COSIGN_YES": "true"}
+
+
+# --- pure builders ------------------------------------------------------------
+
+def _key_args(flavor: Flavor) -> list[str]:
+    return [] if flavor.sign.keyless else ["--key", str(flavor.sign.key)]
+
+
+def _tlog_args(flavor: Flavor) -> list[str]:
+    return [] if flavor.sign.keyless else ["--tlog-upload=false"]
+
+
+def sign_argv(flavor: Flavor, ref: str) -> list[str]:
+    return ["cosign", "sign", *_key_args(flavor), *_tlog_args(flavor), "--yes", ref]
+
+
+def attest_argv(flavor: Flavor, ref: str, predicate: Path, kind: str) -> list[str]:
+    return ["cosign", "attest", *_key_args(flavor), *_tlog_args(flavor), "--yes", "--type", kind,
+            "--predicate", str(predicate), ref]
+
+
+def sign_blob_argv(flavor: Flavor, blob: Path, sig: Path, bundle: Path) -> list[str]:
+    return ["cosign", "sign-blob", *_key_args(flavor), *_tlog_args(flavor), "--yes",
+            "--output-signature", str(sig), "--bundle", str(bundle), str(blob)]
+
+
+def public_key(flavor: Flavor) -> Path | None:
+    override = os.environ.get("KAIROS_VERIFY_KEY")
+    if override:
+        return Path(override)
+    return flavor.sign.key.with_suffix(".pub") if flavor.sign.key else None
+
+
+def verify_args(flavor: Flavor) -> list[str]:
+    pub = public_key(flavor)
+    if pub is None:  # keyless: the identity checks are the user's to pass through
+        return []
+    return ["--key", str(pub), "--insecure-ignore-tlog=true"]
+
+
+def verify_argv(flavor: Flavor, ref: str) -> list[str]:
+    return ["cosign", "verify", *verify_args(flavor), ref]
+
+
+def verify_attestation_argv(flavor: Flavor, ref: str, kind: str) -> list[str]:
+    return ["cosign", "verify-attestation", *verify_args(flavor), "--type", kind, ref]
+
+
+def verify_blob_argv(flavor: Flavor, blob: Path, sig: Path) -> list[str]:
+    return ["cosign", "verify-blob", *verify_args(flavor), "--signature", str(sig), str(blob)]
+
+
+def checksum_files(paths: Paths, b: Build) -> list[Path]:
+    """Every `.sha256` this build's artifact stages write."""
+    out = []
+    for kind in b.kinds:
+        if kind in naming.CHECKSUMMED:
+            out += [paths.version_dir(b.flavor.version) / n for n in naming.artifact_files(b.stem, kind)
+                    if n.endswith(".sha256")]
+    return out
+
+
+def blob_sig(sha: Path) -> tuple[Path, Path]:
+    return sha.with_name(sha.name + ".sig"), sha.with_name(sha.name + ".bundle")
+
+
+def provenance(b: Build, deps: list[dict], started: str, finished: str) -> dict:
+    """A SLSA v1 provenance predicate (pure); cosign wraps it in an in-toto
+    statement whose subject is the image digest."""
+    f = b.flavor
+    return {
+        "buildDefinition": {
+            "buildType": BUILD_TYPE,
+            "externalParameters": {
+                "flavor_file": f.path.name, "stem": b.stem, "image": b.image, "variant": b.variant,
+                "arch": b.arch, "device": b.device, "version": f.version, "k3s_version": b.k3s_version,
+                "converter": f.converter,
+                "kairos_init_flags": convert.kairos_init_flags(b) if f.converter == "kairos-init" else None,
+            },
+            "internalParameters": {"convert_stage_version": convert.STAGE_VERSION},
+            "resolvedDependencies": deps,
+        },
+        "runDetails": {
+            "builder": {"id": BUILD_TYPE},
+            "metadata": {"startedOn": started, "finishedOn": finished},
+        },
+    }
+
+
+# --- actions --------------------------------------------------------------------
+
+def cosign_env(flavor: Flavor) -> dict[str, str]:
+    env = dict(COSIGN_ENV)
+    if flavor.sign.keyless:
+        return env
+    name = flavor.sign.password_env
+    if name not in os.environ:
+        raise UsageError(f"sign: environment variable {name} (the password of {flavor.sign.key}) is not set; "
+                         f"export it (set sign.password_env in {flavor.path} to use another variable)")
+    env["COSIGN_PASSWORD"] = os.environ[name]
+    return env
+
+
+def signed_file(paths: Paths, b: Build) -> Path:
+    return paths.digest_file("signed", b.stem)
+
+
+def dependencies(paths: Paths, b: Build) -> list[dict]:
+    deps = []
+    base = read_digest(paths.digest_file("resolved", b.base.ident))
+    deps.append({"uri": f"oci://{b.base.ref}", "digest": {"sha256": base.split(":", 1)[1]}})
+    if b.flavor.kairos_init_image:
+        init = read_digest(paths.digest_file("resolved", convert.init_ident(b)))
+        deps.append({"uri": f"oci://{b.flavor.kairos_init_image}", "digest": {"sha256": init.split(":", 1)[1]}})
+    if b.flavor.overlay is not None:
+        deps.append({"uri": f"file:{b.flavor.overlay.name}", "digest": {"sha256": overlay_digest(b.flavor.overlay)}})
+    return deps
+
+
+def overlay_digest(overlay: Path) -> str:
+    """sha256 over the overlay listing (paths, modes, link targets) and file contents."""
+    files, listing = convert.overlay_files(overlay)
+    h = hashlib.sha256(json.dumps(listing).encode())
+    for f in files:
+        h.update(sha256_file(Path(f)).encode())
+    return h.hexdigest()
+
+
+def sign(paths: Paths, b: Build) -> None:
+    f = b.flavor
+    env = cosign_env(f)
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    digest = read_digest(pushed_file(paths, b))
+    ref = f"{b.image.rpartition(':')[0]}@{digest}"
+    say(f"    cosign sign {ref}")
+    run(sign_argv(f, ref), env=env, what=f"cosign sign {b.stem}")
+    if "sbom" in b.kinds:
+        spdx = output(paths, b, "-sbom.spdx.json")
+        say(f"    cosign attest --type spdxjson ({spdx.stat().st_size} bytes)")
+        run(attest_argv(f, ref, spdx, "spdxjson"), env=env, what=f"cosign attest sbom {b.stem}")
+    prov = output(paths, b, "-provenance.json")
+    predicate = provenance(b, dependencies(paths, b), started,
+                           datetime.datetime.now(datetime.timezone.utc).isoformat())
+    write_text_atomic(prov, json.dumps(predicate, indent=2) + "\n")
+    run(attest_argv(f, ref, prov, PROVENANCE_TYPE), env=env, what=f"cosign attest provenance {b.stem}")
+    for sha in checksum_files(paths, b):
+        sig, bundle = blob_sig(sha)
+        with atomic_path(sig) as tmp_sig, atomic_path(bundle) as tmp_bundle:
+            run(sign_blob_argv(f, sha, tmp_sig, tmp_bundle), env=env, what=f"cosign sign-blob {sha.name}")
+    write_text_atomic(signed_file(paths, b), digest + "\n")
+
+
+def verify(paths: Paths, b: Build) -> None:
+    """Check everything; report every failure (one line each) at once."""
+    f = b.flavor
+    problems = []
+    for sha in checksum_files(paths, b):
+        artifact = sha.with_name(sha.name[: -len(".sha256")])
+        try:
+            want, name = sha.read_text().split()
+        except (OSError, ValueError):
+            problems.append(f"{sha.name}: missing or malformed")
+            continue
+        if not artifact.is_file():
+            problems.append(f"{artifact.name}: missing")
+        elif name != artifact.name or sha256_file(artifact) != want:
+            problems.append(f"{artifact.name}: does not match {sha.name}")
+        sig, _ = blob_sig(sha)
+        try:
+            run(verify_blob_argv(f, sha, sig), what=f"verify {sha.name}")
+        except CommandError:
+            problems.append(f"{sha.name}: blob signature {sig.name} does not verify")
+    digest = read_digest(pushed_file(paths, b))
+    ref = f"{b.image.rpartition(':')[0]}@{digest}"
+    checks = [(verify_argv(f, ref), f"image signature of {ref}")]
+    if "sbom" in b.kinds:
+        checks.append((verify_attestation_argv(f, ref, "spdxjson"), f"SBOM attestation of {ref}"))
+    checks.append((verify_attestation_argv(f, ref, PROVENANCE_TYPE), f"provenance attestation of {ref}"))
+    for argv, what in checks:
+        try:
+            run(argv, what=what)
+        except CommandError:
+            problems.append(f"{what} does not verify")
+    if problems:
+        raise KairosError(f"{len(problems)} problem(s) verifying {b.stem} with "
+                          f"{public_key(f) or 'the keyless identity'}:\n" + "\n".join(f"  {p}" for p in problems))
+    say(f"    verified {b.stem}: {len(checksum_files(paths, b))} checksum(s) and blob signature(s), "
+        f"image signature, {len(checks) - 1} attestation(s)")
+
+
+def tools(b: Build) -> dict[str, str]:
+    return {"cosign": "sign images and artifacts"}
+
+
+def tasks(ctx: Context):
+    for b in ctx.builds:
+        if "sign" not in b.kinds:
+            continue
+        f = b.flavor
+        shas = checksum_files(ctx.paths, b)
+        deps = [str(convert.image_file(ctx.paths, b)), str(pushed_file(ctx.paths, b))] + [str(s) for s in shas]
+        if "sbom" in b.kinds:
+            deps.append(str(output(ctx.paths, b, "-sbom.spdx.json")))
+        if f.sign.key is not None:
+            deps += [str(f.sign.key), str(f.sign.key.with_suffix(".pub"))]
+        key = json.dumps({"key": str(f.sign.key), "keyless": f.sign.keyless, "stage": STAGE_VERSION})
+        targets = [str(signed_file(ctx.paths, b)), str(output(ctx.paths, b, "-provenance.json"))]
+        for sha in shas:
+            targets += [str(p) for p in blob_sig(sha)]
+        yield {
+            "name": b.stem,
+            "doc": f"cosign: sign {b.image}, attest SBOM and provenance, sign-blob every .sha256",
+            "actions": [action(sign, ctx.paths, b)],
+            "file_dep": deps,
+            "targets": targets,
+            "uptodate": [config_changed(key)],
+            "clean": True,
+            "verbosity": 2,
+        }
+
+
+def verify_tasks(ctx: Context):
+    for b in ctx.builds:
+        if "sign" not in b.kinds:
+            continue
+        yield {
+            "name": b.stem,
+            "doc": f"verify checksums, blob signatures, image signature and attestations of {b.stem}",
+            "actions": [action(verify, ctx.paths, b)],
+            "task_dep": [f"sign:{b.stem}"],
+            "uptodate": [False],
+            "verbosity": 2,
+        }
