@@ -168,7 +168,7 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     where = f"{path}:{mark.line + 1}" if mark else str(path)
-    problem = getattr(exc, "problem", None) or str(exc)
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
     return f"{where}: malformed YAML: {problem}"
 
 
@@ -193,7 +193,8 @@ class _Checker:
     def unknown_keys(self, mapping: dict, allowed: tuple[str, ...], prefix: str = "") -> None:
         for key in mapping:
             if key not in allowed:
-                self.problem(f"{prefix}{key}", f"unknown key (allowed: {', '.join(allowed)})", mapping, key)
+                shown = key if re.fullmatch(r"[\w.-]+", str(key)) else repr(key)
+                self.problem(f"{prefix}{shown}", f"unknown key (allowed: {', '.join(allowed)})", mapping, key)
 
     def string(self, mapping, key, prefix="", required=True, pattern=None, hint="", default=None):
         keypath = f"{prefix}{key}"
