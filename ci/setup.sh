@@ -27,10 +27,29 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-if ! "$PY" -c 'import doit, docker, yaml, pytest, hypothesis' 2>/dev/null; then
-  log "installing Python packages (pyproject.toml [test])"
-  "$PY" -m pip install -q --disable-pip-version-check -e '.[test]'
+if ! "$PY" -c 'import doit, docker, yaml, pytest, hypothesis' 2>/dev/null \
+    || ! command -v syft >/dev/null || ! command -v trivy >/dev/null; then
+  log "installing Python packages (pyproject.toml [test,tools]: doit, docker, syft, trivy, ...)"
+  "$PY" -m pip install -q --disable-pip-version-check -e '.[test,tools]'
 fi
+
+# cosign and grype: go install at pinned versions (into /usr/local/bin)
+GO_TOOLS=(
+  "cosign v2.6.5 github.com/sigstore/cosign/v2/cmd/cosign"
+  "grype v0.110.0 github.com/anchore/grype/cmd/grype"  # newer ones need modules the proxy refuses
+)
+for entry in "${GO_TOOLS[@]}"; do
+  read -r name version module <<<"$entry"
+  installed=""
+  if command -v "$name" >/dev/null && command -v go >/dev/null; then
+    installed=$(go version -m "$(command -v "$name")" 2>/dev/null | awk '$1 == "mod" {print $3; exit}')
+  fi
+  if [ "$installed" != "$version" ]; then
+    command -v go >/dev/null || die "go is needed to install $name ($module@$version)"
+    log "go install $module@$version (takes a few minutes)"
+    GOBIN=/usr/local/bin GOFLAGS=-mod=mod go install "$module@$version"
+  fi
+done
 
 docker_ok() {
   if [ -n "${DOCKER_HOST:-}" ]; then

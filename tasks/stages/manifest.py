@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -36,8 +37,30 @@ REPORT_SUFFIXES = {"sbom": ("-sbom.spdx.json", "-sbom.syft.json"), "trivy": ("-t
                    "grype": ("-grype.json", "-grype.sarif")}
 
 
+def go_module_version(program: str) -> str | None:
+    """The module version a `go install`ed binary was built from (its own
+    `version` command may say "[not provided]")."""
+    path = shutil.which(program)
+    if not path or not shutil.which("go"):
+        return None
+    try:
+        proc = subprocess.run(["go", "version", "-m", path], capture_output=True, text=True, timeout=30,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in proc.stdout.splitlines():
+        fields = line.split()
+        if fields[:1] == ["mod"] and len(fields) >= 3:
+            return fields[2]
+    return None
+
+
 def tool_version(argv: list[str]) -> str | None:
     """First line that names a version, or None if the tool is not installed."""
+    if argv[0] in ("cosign", "grype"):
+        found = go_module_version(argv[0])
+        if found:
+            return found
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired):
