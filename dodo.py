@@ -84,7 +84,7 @@ def task_raw():
 
 
 def task_ipxe():
-    """Build the iPXE script, ISO and USB image (not implemented yet)."""
+    """Write <stem>.ipxe, <stem>-ipxe.iso and <stem>-ipxe-usb.img (netboot; amd64 generic)."""
     yield from ipxe.tasks(CTX)
 
 

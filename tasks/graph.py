@@ -6,6 +6,7 @@ overlay directories, nothing else.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 from dataclasses import dataclass
@@ -122,7 +123,6 @@ def lock_state(paths: Paths, argv: list[str]) -> None:
     global _LOCK_HANDLE
     if command_of(argv) in READ_ONLY_COMMANDS:
         return
-    import fcntl
     lock = paths.state / "lock"
     handle = open(lock, "a+")
     try:

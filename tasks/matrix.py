@@ -46,6 +46,8 @@ class Build:
         for kind in self.flavor.artifacts:
             if kind in ("iso", "ipxe") and self.device != "generic":
                 continue  # ISOs and netboot files are for generic devices only
+            if kind == "ipxe" and self.arch != "amd64":
+                continue  # the iPXE media start Debian's BIOS iPXE: amd64 only
             if kind == "raw" and self.device == "generic" and not self.flavor.raw_generic:
                 continue  # raw images are for boards, generic only when asked
             out.append(kind)

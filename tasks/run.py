@@ -72,6 +72,7 @@ PROVIDERS = {
     "docker-registry": "Debian package docker-registry",
     "grub-mkrescue": "Debian packages grub-common, grub-pc-bin and grub-efi-amd64-bin",
     "grub-mkstandalone": "Debian package grub-common",
+    "grub-mkimage": "Debian package grub-common",
     "xorriso": "Debian package xorriso",
     "mformat": "Debian package mtools",
     "mcopy": "Debian package mtools",

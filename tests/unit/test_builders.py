@@ -458,7 +458,8 @@ def test_is_local_host(host, local):
 # --- preflight: what tools the selected builds need ---------------------------------------
 
 @pytest.mark.parametrize("base_image, artifacts, tools", [
-    ("ubuntu:24.04", ("iso",), set()),
+    ("ubuntu:24.04", ("iso",), {"grub-mkrescue", "xorriso", "mformat"}),
+    ("ubuntu:24.04", ("sbom", "trivy", "sign"), {"syft", "trivy", "cosign"}),
     ("ubuntu:24.04", ("kernel", "squashfs"), {"mksquashfs", "tar"}),
     (MmdebstrapBase(suite="bookworm"), ("kernel",), {"mmdebstrap"}),
     (MmdebstrapBase(suite="bookworm"), ("squashfs",), {"mmdebstrap", "mksquashfs", "tar"}),

@@ -1,0 +1,166 @@
+"""ipxe: netboot artifacts of a generic build.
+
+- `<stem>.ipxe`: the iPXE script. It fetches `<netboot_url>/<stem>-kernel` and
+  `<stem>-initrd` and boots the Kairos netboot command line, whose live root is
+  `<netboot_url>/<stem>.squashfs`; serve outputs/<version>/ at netboot_url.
+  `config_url=${config}` is an iPXE variable: set `config` before chaining the script
+  (`set config http://.../cloud-config.yaml` then `chain .../<stem>.ipxe`); when unset the
+  script uses `<netboot_url>/config.yaml`.
+- `<stem>-ipxe.iso`, `<stem>-ipxe-usb.img`: Debian's iPXE (ipxe.lkrn) with that script,
+  booted by GRUB for BIOS (tasks/builders/native_ipxe.py).
+
+The script names the kernel, initrd and squashfs, so the task depends on their
+`.sha256` files: a new kernel also rebuilds the netboot files. Each output gets
+`<file>.sha256`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from doit.tools import config_changed
+
+from ..builders import native_ipxe
+from ..graph import Context, action
+from ..matrix import Build
+from ..run import UsageError, say
+from ..state import Paths, atomic_path, clean_partials, partial_name, write_checksum
+from . import extract
+
+STAGE_VERSION = 1
+NEEDS = ("kernel", "initrd", "squashfs")
+SUFFIXES = (".ipxe", "-ipxe.iso", "-ipxe-usb.img")
+DEFAULT_CONFIG_NAME = "config.yaml"
+
+
+def kernel_cmdline(url: str, stem: str) -> str:
+    """The Kairos netboot kernel command line (pure); `${config}` is left to iPXE."""
+    return (f"root=live:{url}/{stem}.squashfs initrd={stem}-initrd rd.neednet=1 ip=dhcp rd.cos.disable "
+            "netboot install-mode config_url=${config} console=tty1 console=ttyS0 rd.live.overlay.overlayfs")
+
+
+def ipxe_script(url: str, stem: str, default_config: str | None = None) -> str:
+    """The iPXE script text (pure). ``url`` has no trailing slash."""
+    url = url.rstrip("/")
+    config = default_config or f"{url}/{DEFAULT_CONFIG_NAME}"
+    return (
+        "#!ipxe\n"
+        f"# Kairos netboot: {stem}\n"
+        f"# serve {stem}-kernel, {stem}-initrd and {stem}.squashfs at {url}/\n"
+        "# the cloud config: set config <url> before chaining this script to override\n"
+        "dhcp\n"
+        f"isset ${{config}} || set config {config}\n"
+        f"kernel {url}/{stem}-kernel {kernel_cmdline(url, stem)}\n"
+        f"initrd {url}/{stem}-initrd\n"
+        "boot\n"
+    )
+
+
+def problem(b: Build) -> str | None:
+    """Why the netboot files of ``b`` cannot be built (pure), or None."""
+    missing = [k for k in NEEDS if k not in b.kinds]
+    if missing:
+        return (f"the iPXE script boots the kernel, initrd and squashfs artifacts, which must be built too; "
+                f"add {', '.join(missing)} to the artifacts of {b.flavor.path.name}")
+    if not b.flavor.netboot_url:
+        return f"netboot_url is required in {b.flavor.path.name} to build the iPXE files"
+    if "${" in b.flavor.netboot_url:
+        return (f"netboot_url {b.flavor.netboot_url!r} holds '${{', which iPXE would expand as a variable; "
+                "use a URL without it")
+    if b.arch != "amd64":
+        return (f"the native iPXE ISO and USB image are BIOS x86 media (Debian's ipxe ships x86 binaries "
+                f"only); {b.stem} is an {b.arch} build: drop 'ipxe' from the artifacts of {b.arch} builds")
+    return None
+
+
+def key(b: Build) -> str:
+    """Every option that changes the outputs, for config_changed (pure)."""
+    placeholder = Path("{out}")
+    return json.dumps({
+        "script": ipxe_script(b.flavor.netboot_url or "", b.stem),
+        "iso_cfg": native_ipxe.iso_grub_cfg(b.stem),
+        "iso": native_ipxe.mkrescue_argv(placeholder, Path("{tree}")),
+        "usb_cfg": native_ipxe.usb_core_cfg(),
+        "usb": [native_ipxe.mkimage_argv(Path("{core}"), Path("{cfg}")),
+                native_ipxe.sfdisk_script(native_ipxe.MIN_PART_SIZE, "{id}"),
+                native_ipxe.mkfs_vfat_argv(placeholder, native_ipxe.MIN_PART_SIZE, "{vol}")],
+        "lkrn": [str(p) for p in native_ipxe.IPXE_LKRN_CANDIDATES],
+        "stage": STAGE_VERSION,
+    }, sort_keys=True)
+
+
+def tools(b: Build) -> dict[str, str]:
+    return {
+        "grub-mkrescue": "build the iPXE ISO",
+        "xorriso": "build the iPXE ISO (grub-mkrescue writes it with xorriso)",
+        "grub-mkimage": "build the boot loader of the iPXE USB image",
+        "sfdisk": "write the partition table of the iPXE USB image",
+        "mkfs.vfat": "make the FAT partition of the iPXE USB image",
+        "mcopy": "copy iPXE and its script into the iPXE USB image",
+    }
+
+
+def outputs(paths: Paths, b: Build) -> list[Path]:
+    return [extract.output(paths, b, s) for s in SUFFIXES]
+
+
+def build(paths: Paths, b: Build) -> None:
+    script_out, iso_out, usb_out = outputs(paths, b)
+    lkrn = native_ipxe.find_ipxe_lkrn()
+    native_ipxe.check_grub_pc()
+    text = ipxe_script(b.flavor.netboot_url, b.stem)
+    with atomic_path(script_out) as tmp:
+        tmp.write_text(text)
+    write_checksum(script_out)
+    say(f"    {script_out.name}: kernel, initrd and squashfs from {b.flavor.netboot_url}/")
+    work_base = paths.tmp_dir() / f"{b.stem}-ipxe"
+    clean_partials(work_base)
+    work = partial_name(work_base)
+    work.mkdir(parents=True)
+    try:
+        say(f"    grub-mkrescue -> {iso_out.name}")
+        with atomic_path(iso_out) as tmp:
+            native_ipxe.build_iso(tmp, work, script_out, lkrn, f"Kairos netboot (iPXE): {b.stem}")
+        write_checksum(iso_out)
+        say(f"    {iso_out.name}: {iso_out.stat().st_size} bytes")
+        say(f"    sfdisk + mkfs.vfat + mcopy + grub-mkimage -> {usb_out.name}")
+        with atomic_path(usb_out) as tmp:
+            native_ipxe.build_usb(tmp, work, script_out, lkrn, b.stem)
+        write_checksum(usb_out)
+        say(f"    {usb_out.name}: {usb_out.stat().st_size} bytes")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def refuse(message: str) -> None:
+    raise UsageError(message)
+
+
+def tasks(ctx: Context):
+    for b in ctx.builds:
+        if "ipxe" not in b.kinds:
+            continue
+        outs = outputs(ctx.paths, b)
+        why = problem(b)
+        if why:
+            yield {
+                "name": b.stem,
+                "doc": f"{outs[0].name} and iPXE media (cannot be built: see the message)",
+                "actions": [action(refuse, why)],
+                "verbosity": 2,
+            }
+            continue
+        deps = [str(extract.output(ctx.paths, b, s)) + ".sha256" for s in ("-kernel", "-initrd", ".squashfs")]
+        # Debian's ipxe.lkrn is small: an ipxe package upgrade rebuilds the media
+        deps += [str(p) for p in native_ipxe.IPXE_LKRN_CANDIDATES if p.is_file()][:1]
+        yield {
+            "name": b.stem,
+            "doc": f"{outs[0].name}, {outs[1].name}, {outs[2].name}: iPXE netboot from {b.flavor.netboot_url}",
+            "actions": [action(build, ctx.paths, b)],
+            "file_dep": deps,
+            "targets": [str(o) for o in outs] + [str(o) + ".sha256" for o in outs],
+            "uptodate": [config_changed(key(b))],
+            "clean": True,
+            "verbosity": 2,
+        }
