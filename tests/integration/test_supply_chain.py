@@ -216,3 +216,87 @@ def test_manifest_records_inputs_outputs_and_tools(sc, engine):
         assert manifest["tools"].get(tool), tool
     sums = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=out(ws, ""), capture_output=True, text=True)
     assert sums.returncode == 0, sums.stdout + sums.stderr
+
+
+# --- vulnerability path against an offline DB fixture built by the scanners' own Go libraries
+
+CVE = "CVE-2099-0001"
+
+
+@pytest.fixture(scope="module")
+def vuln(tmp_path_factory, ns, bases, standin, engine):
+    from tests.fixtures.vulndb.build import build_tool, build_vulndb
+
+    from .conftest import CACHE
+
+    sed = engine.containers.run(bases["b"], ["dpkg-query", "-W", "-f", "${Version}\n", "sed"],
+                                remove=True).decode().strip()
+    assert sed, "no sed version in the base image"
+    tool = build_tool(CACHE / "vulndb-tool")
+    root = tmp_path_factory.mktemp("vuln")
+    trivy_db, grype_db = build_vulndb(root / "db", "sed", f"{sed}+kairos1", CVE, "Critical", tool=tool)
+    ws = Workspace(root=root, ns=ns)
+    write_flavor(ws.flavors / "vuln.yaml", f"""
+        flavor: vulnscan
+        release: "1"
+        base_image: {bases['b']}
+        version: v3.1.0
+        variants: [core]
+        arches: [amd64]
+        devices: [generic]
+        converter: kairos-init
+        kairos_init_image: {standin}
+        registry: {ns}/kairos
+        artifacts: [trivy, grype]
+        scan:
+          policy: report-only
+          severity: CRITICAL
+          trivy_db: {trivy_db}
+          grype_db: {grype_db}
+        """)
+    (b,) = expand(load_flavors([ws.flavors]))
+    first = ws.doit()
+    assert first.rc == 0, first.err
+    return ws, b, sed, (tool, root)
+
+
+def test_trivy_and_grype_report_the_fixture_advisory(vuln):
+    ws, b, sed, _ = vuln
+    trivy = json.loads(out(ws, f"{b.stem}-trivy.json").read_text())
+    found = [(v["VulnerabilityID"], v["PkgName"], v["InstalledVersion"], v["Severity"])
+             for r in trivy["Results"] for v in r.get("Vulnerabilities") or []]
+    assert found == [(CVE, "sed", sed, "CRITICAL")]
+    grype = json.loads(out(ws, f"{b.stem}-grype.json").read_text())
+    matches = [(m["vulnerability"]["id"], m["artifact"]["name"], m["vulnerability"]["severity"])
+               for m in grype["matches"]]
+    assert matches == [(CVE, "sed", "Critical")]
+    for name in (f"{b.stem}-trivy.sarif", f"{b.stem}-grype.sarif"):
+        assert CVE in out(ws, name).read_text()
+
+
+def test_enforce_fails_the_build_naming_the_finding(vuln):
+    ws, b, _, _ = vuln
+    path = ws.flavors / "vuln.yaml"
+    original = path.read_text()
+    path.write_text(original.replace("policy: report-only", "policy: enforce"))
+    try:
+        result = ws.doit()
+        assert result.rc == 1
+        assert f"{CVE} in sed (CRITICAL)" in result.err and "at or above CRITICAL" in result.err, result.err
+        assert "Traceback" not in result.err
+    finally:
+        path.write_text(original)
+
+
+def test_new_database_reruns_the_scans_only(vuln):
+    ws, b, sed, (tool, root) = vuln
+    assert ws.doit().rc == 0  # back to report-only after the enforce test
+    from tests.fixtures.vulndb.build import build_vulndb
+
+    # the same advisory with a fix below the installed version: a new DB, no finding
+    build_vulndb(root / "db", "sed", f"{sed}~kairos1", CVE, "Critical", tool=tool)
+    result = ws.doit()
+    assert result.rc == 0, result.err
+    assert result.build_actions == {f"trivy:{b.stem}", f"grype:{b.stem}", "manifest:v3.1.0"}
+    grype = json.loads(out(ws, f"{b.stem}-grype.json").read_text())
+    assert grype["matches"] == []
