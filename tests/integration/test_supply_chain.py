@@ -300,3 +300,17 @@ def test_new_database_reruns_the_scans_only(vuln):
     assert result.build_actions == {f"trivy:{b.stem}", f"grype:{b.stem}", "manifest:v3.1.0"}
     grype = json.loads(out(ws, f"{b.stem}-grype.json").read_text())
     assert grype["matches"] == []
+
+
+def test_new_key_resigns_only(sc):
+    """A new key pair: signing and the manifest rerun, nothing else; verify passes with it."""
+    ws, b, env, _ = sc
+    assert ws.doit(env=env).build_actions == set()
+    for name in ("cosign.key", "cosign.pub"):
+        (ws.flavors / "keys" / name).unlink()
+    cosign_keys(ws.flavors / "keys", PASSWORD)
+    result = ws.doit(env=env)
+    assert result.rc == 0, result.err
+    assert result.build_actions == {f"sign:{b.stem}", "manifest:v3.1.0"}
+    verified = ws.doit("verify", env=env)
+    assert verified.rc == 0, verified.err
