@@ -74,7 +74,7 @@ def task_squashfs():
 
 
 def task_iso():
-    """Build <stem>.iso (not implemented yet)."""
+    """Build <stem>.iso: BIOS+EFI live ISO (volume COS_LIVE) from kernel, initrd and squashfs."""
     yield from iso.tasks(CTX)
 
 
