@@ -62,7 +62,7 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def netboot(tmp_path_factory, ns):
+def netboot(tmp_path_factory, ns, bases):
     """A workspace with one builtin-converter flavor listing ipxe, built with `doit ipxe:<stem>`,
     and an HTTP server (127.0.0.1 only) serving its outputs/<version>/."""
     root = tmp_path_factory.mktemp("ipxe")
@@ -72,8 +72,7 @@ def netboot(tmp_path_factory, ns):
     write_flavor(ws.flavors / "netboot.yaml", f"""
         flavor: debian
         release: "12"
-        base_image:
-          mmdebstrap: {{suite: bookworm}}
+        base_image: {bases['b']}
         version: v3.1.0
         variants: [core]
         arches: [amd64]

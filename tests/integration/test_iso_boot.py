@@ -1,5 +1,5 @@
-"""The native ISO stage end to end: a Debian bookworm flavor (mmdebstrap base, builtin
-converter) -> kernel, initrd, squashfs -> `<stem>.iso`; its layout, checksum and volume
+"""The native ISO stage end to end: a Debian bookworm flavor (the session's bookworm
+minbase base, builtin converter) -> kernel, initrd, squashfs -> `<stem>.iso`; its layout, checksum and volume
 id; qemu boots it with BIOS (SeaBIOS) and with EFI (OVMF) to the kernel and the
 initramfs; a second run builds nothing.
 """
@@ -31,13 +31,12 @@ OVMF_PAIRS = [("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.
 
 
 @pytest.fixture(scope="module")
-def iso_ws(tmp_path_factory, ns) -> Workspace:
+def iso_ws(tmp_path_factory, ns, bases) -> Workspace:
     ws = Workspace(root=tmp_path_factory.mktemp("iso"), ns=ns)
     write_flavor(ws.flavors / "debian-iso.yaml", f"""
         flavor: debian
         release: "12"
-        base_image:
-          mmdebstrap: {{suite: bookworm}}
+        base_image: {bases['b']}
         version: v3.1.0
         variants: [core]
         arches: [amd64]
@@ -53,8 +52,7 @@ def iso_ws(tmp_path_factory, ns) -> Workspace:
     write_flavor(ws.flavors / "debian-ab.yaml", f"""
         flavor: debianab
         release: "12"
-        base_image:
-          mmdebstrap: {{suite: bookworm}}
+        base_image: {bases['b']}
         version: v3.1.0
         variants: [core]
         arches: [amd64]
