@@ -14,7 +14,7 @@ from pathlib import Path
 from doit import get_var
 
 from tasks import graph
-from tasks.stages import (base, convert, extract, ipxe, iso, manifest, pending, preflight, push, raw, resolve,
+from tasks.stages import (base, convert, extract, ipxe, iso, manifest, preflight, push, raw, resolve,
                           sbom, scan, sign)
 
 CTX = graph.load(Path(__file__).resolve().parent,
@@ -79,7 +79,7 @@ def task_iso():
 
 
 def task_raw():
-    """Build the raw disk <stem>.img (not implemented yet)."""
+    """Build the raw disk <stem>.img (rpi3/rpi4 firmware boot; generic amd64 EFI with raw_generic)."""
     yield from raw.tasks(CTX)
 
 

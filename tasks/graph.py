@@ -72,6 +72,9 @@ def _guarded(fn, args):
         fn(*args)
     except KairosError as exc:
         return TaskError(str(exc)) if exc.kind == "error" else TaskFailed(str(exc))
+    except OSError as exc:  # full disk, permissions, ...: name the path, no traceback
+        where = exc.filename or ""
+        return TaskError(f"{exc.strerror or exc}{': ' + str(where) if where else ''}")
     return None
 
 

@@ -6,8 +6,11 @@ import json
 from dataclasses import dataclass
 
 from . import naming
-from .config import DEVICES, Flavor, MmdebstrapBase
+from .config import ARTIFACT_KINDS, DEVICES, Flavor, MmdebstrapBase
 from .state import safe_id
+
+
+IMPLIED_INPUTS = ("kernel", "initrd", "squashfs")
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,11 @@ class Build:
             if kind == "raw" and self.device == "generic" and not self.flavor.raw_generic:
                 continue  # raw images are for boards, generic only when asked
             out.append(kind)
-        return tuple(out)
+        # the native ISO, raw and iPXE builders are made from the kernel, initrd and squashfs
+        builds_from_files = {"ipxe"} | ({"iso", "raw"} if self.flavor.builder == "native" else set())
+        if builds_from_files & set(out):
+            out += [k for k in IMPLIED_INPUTS if k not in out]
+        return tuple(k for k in ARTIFACT_KINDS if k in out)
 
     def files(self) -> dict[str, list[str]]:
         return {kind: naming.artifact_files(self.stem, kind) for kind in self.kinds

@@ -71,7 +71,7 @@ PROVIDERS = {
     "tar": "Debian package tar",
     "docker-registry": "Debian package docker-registry",
     "grub-mkrescue": "Debian packages grub-common, grub-pc-bin and grub-efi-amd64-bin",
-    "grub-mkstandalone": "Debian package grub-common",
+    "grub-mkstandalone": "Debian packages grub-common and grub-efi-amd64-bin",
     "grub-mkimage": "Debian package grub-common",
     "xorriso": "Debian package xorriso",
     "mformat": "Debian package mtools",

@@ -14,6 +14,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .run import KairosError, UsageError
+
 TMP_MARK = ".partial-"
 
 
@@ -82,10 +84,12 @@ def atomic_path(path: Path):
     try:
         yield tmp
         if not tmp.exists():
-            raise FileNotFoundError(f"step produced no file at {tmp}")
+            raise KairosError(f"step produced no file at {tmp}")
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # e.g. a full disk: name the file, not a traceback
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         if tmp.exists():
             tmp.unlink()

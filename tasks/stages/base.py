@@ -16,7 +16,14 @@ from ..run import run, say
 from ..state import Paths, atomic_path, write_text_atomic
 from ..tools import docker
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2
+# mmdebstrap writes a byte-identical tarball for the same packages when
+# SOURCE_DATE_EPOCH is set: fresh state directories (CI) then reuse BuildKit's cache
+DEFAULT_SOURCE_DATE_EPOCH = "1700000000"
+
+
+def source_date_epoch() -> str:
+    return os.environ.get("SOURCE_DATE_EPOCH") or DEFAULT_SOURCE_DATE_EPOCH
 
 
 def mmdebstrap_argv(base: MmdebstrapBase, arch: str, out: Path) -> list[str]:
@@ -36,7 +43,8 @@ def bootstrap(paths: Paths, src: BaseSource) -> None:
     tar = paths.rootfs_tar(src.ident)
     say(f"    mmdebstrap {src.mmdebstrap.suite} ({src.arch}) -> {tar}")
     with atomic_path(tar) as tmp:
-        run(mmdebstrap_argv(src.mmdebstrap, src.arch, tmp), what=f"mmdebstrap {src.mmdebstrap.suite}")
+        run(mmdebstrap_argv(src.mmdebstrap, src.arch, tmp), what=f"mmdebstrap {src.mmdebstrap.suite}",
+            env={"SOURCE_DATE_EPOCH": source_date_epoch()})
 
 
 def seed(paths: Paths, src: BaseSource) -> None:
@@ -68,7 +76,7 @@ def tasks(ctx: Context, kind: str):
         tar = ctx.paths.rootfs_tar(src.ident)
         if kind == "bootstrap":
             key = json.dumps({"argv": mmdebstrap_argv(src.mmdebstrap, src.arch, Path("OUT")),
-                              "stage": STAGE_VERSION}, sort_keys=True)
+                              "epoch": source_date_epoch(), "stage": STAGE_VERSION}, sort_keys=True)
             yield {
                 "name": src.ident,
                 "doc": f"mmdebstrap {src.mmdebstrap.suite} rootfs ({src.arch})",

@@ -67,8 +67,30 @@ def dockerfile_kairos_init(b: Build, base_digest: str, init_digest: str, overlay
 
 
 def builtin_script(b: Build) -> str:
-    """Shell run inside the image by the builtin converter (pure)."""
+    """Shell run inside the image by the builtin converter (pure).
+
+    rpi3/rpi4 builds also get the Raspberry Pi boot firmware (Debian raspi-firmware from
+    the non-free-firmware component, Ubuntu linux-firmware-raspi); the raw stage copies it
+    from /usr/lib/raspi-firmware (or /usr/lib/linux-firmware-raspi) into the firmware
+    partition. raspi-firmware's maintainer scripts refuse to run unless /boot/firmware is a
+    mount point or ischroot says "chroot"; an image build is the chroot case, so a temporary
+    ischroot that says yes comes first on PATH for that install. /boot/firmware is emptied
+    afterwards: in the image it would only duplicate the kernel and initrd.
+    """
     packages = " ".join(b.flavor.builtin.packages)
+    rpi_firmware = [
+        'case "$ID" in ubuntu) firmware=linux-firmware-raspi ;; *) firmware=raspi-firmware ;; esac',
+        'if ! apt-cache show "$firmware" >/dev/null 2>&1; then',
+        '  echo "builtin converter: package $firmware not found; for Debian bases add the non-free-firmware '
+        'component to the apt sources (mmdebstrap: components: [main, non-free-firmware])" >&2; exit 1',
+        "fi",
+        "mkdir -p /tmp/kairos-chroot-bin",
+        "printf '#!/bin/sh\\nexit 0\\n' > /tmp/kairos-chroot-bin/ischroot",
+        "chmod 755 /tmp/kairos-chroot-bin/ischroot",
+        'PATH="/tmp/kairos-chroot-bin:$PATH" apt-get install -y --no-install-recommends "$firmware"',
+        "rm -rf /tmp/kairos-chroot-bin",
+        "if [ -d /boot/firmware ]; then find /boot/firmware -mindepth 1 -delete; fi",
+    ] if b.device in ("rpi3", "rpi4") else []
     return "\n".join([
         "set -eu",
         "if ! command -v apt-get >/dev/null 2>&1; then",
@@ -81,6 +103,7 @@ def builtin_script(b: Build) -> str:
         "export DEBIAN_FRONTEND=noninteractive",
         "apt-get update",
         f'apt-get install -y --no-install-recommends "$kernel" initramfs-tools systemd-sysv {packages}'.rstrip(),
+        *rpi_firmware,
         "apt-get clean",
         "rm -rf /var/lib/apt/lists/*",
         "cd /boot",

@@ -29,7 +29,6 @@ from ..state import Paths, atomic_path, clean_partials, partial_name, write_chec
 from . import extract
 
 STAGE_VERSION = 1
-NEEDS = ("kernel", "initrd", "squashfs")
 SUFFIXES = (".ipxe", "-ipxe.iso", "-ipxe-usb.img")
 DEFAULT_CONFIG_NAME = "config.yaml"
 
@@ -58,19 +57,13 @@ def ipxe_script(url: str, stem: str, default_config: str | None = None) -> str:
 
 
 def problem(b: Build) -> str | None:
-    """Why the netboot files of ``b`` cannot be built (pure), or None."""
-    missing = [k for k in NEEDS if k not in b.kinds]
-    if missing:
-        return (f"the iPXE script boots the kernel, initrd and squashfs artifacts, which must be built too; "
-                f"add {', '.join(missing)} to the artifacts of {b.flavor.path.name}")
-    if not b.flavor.netboot_url:
-        return f"netboot_url is required in {b.flavor.path.name} to build the iPXE files"
+    """Why the netboot files of ``b`` cannot be built (pure), or None.
+
+    The matrix already limits ipxe to amd64 generic builds, pulls in the kernel,
+    initrd and squashfs, and config requires netboot_url."""
     if "${" in b.flavor.netboot_url:
         return (f"netboot_url {b.flavor.netboot_url!r} holds '${{', which iPXE would expand as a variable; "
                 "use a URL without it")
-    if b.arch != "amd64":
-        return (f"the native iPXE ISO and USB image are BIOS x86 media (Debian's ipxe ships x86 binaries "
-                f"only); {b.stem} is an {b.arch} build: drop 'ipxe' from the artifacts of {b.arch} builds")
     return None
 
 

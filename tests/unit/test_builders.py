@@ -458,7 +458,8 @@ def test_is_local_host(host, local):
 # --- preflight: what tools the selected builds need ---------------------------------------
 
 @pytest.mark.parametrize("base_image, artifacts, tools", [
-    ("ubuntu:24.04", ("iso",), {"grub-mkrescue", "xorriso", "mformat"}),
+    # the native ISO implies kernel, initrd and squashfs
+    ("ubuntu:24.04", ("iso",), {"grub-mkrescue", "xorriso", "mformat", "mksquashfs", "tar"}),
     ("ubuntu:24.04", ("sbom", "trivy", "sign"), {"syft", "trivy", "cosign"}),
     ("ubuntu:24.04", ("kernel", "squashfs"), {"mksquashfs", "tar"}),
     (MmdebstrapBase(suite="bookworm"), ("kernel",), {"mmdebstrap"}),

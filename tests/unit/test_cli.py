@@ -62,10 +62,12 @@ def test_plan_json(tmp_path, capsys):
         "raw": [f"{RPI4_STANDARD}.img", f"{RPI4_STANDARD}.img.sha256"],
         "kernel": [f"{RPI4_STANDARD}-kernel", f"{RPI4_STANDARD}-kernel.sha256"],
         "initrd": [f"{RPI4_STANDARD}-initrd", f"{RPI4_STANDARD}-initrd.sha256"],
+        # the native raw and ISO builders are made from the squashfs: implied
+        "squashfs": [f"{RPI4_STANDARD}.squashfs", f"{RPI4_STANDARD}.squashfs.sha256"],
         "trivy": [f"{RPI4_STANDARD}-trivy.sarif", f"{RPI4_STANDARD}-trivy.json"],
     }
     generic = builds[0]
-    assert list(generic["artifacts"]) == ["iso", "kernel", "initrd", "trivy"]
+    assert list(generic["artifacts"]) == ["iso", "kernel", "initrd", "squashfs", "trivy"]
     assert generic["artifacts"]["iso"][0] == "kairos-ubuntu-23.04-core-amd64-generic-v3.1.0.iso"
 
 

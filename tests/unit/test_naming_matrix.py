@@ -251,3 +251,16 @@ def test_shard_is_stable_across_runs_and_input_order(matrix, index, count):
     random.Random(index * 31 + count).shuffle(shuffled)
     assert {b.stem for b in shard(shuffled, index, count)} == first
     assert {b.stem for b in shard(list(matrix), index, count)} == first
+
+
+@pytest.mark.parametrize("artifacts, builder, device, arch, kinds", [
+    (("iso",), "native", "generic", "amd64", ("iso", "kernel", "initrd", "squashfs")),
+    (("iso",), "auroraboot", "generic", "amd64", ("iso",)),  # AuroraBoot builds from the image
+    (("raw",), "native", "rpi4", "arm64", ("raw", "kernel", "initrd", "squashfs")),
+    (("raw",), "auroraboot", "rpi4", "arm64", ("raw",)),
+    (("ipxe",), "auroraboot", "generic", "amd64", ("ipxe", "kernel", "initrd", "squashfs")),
+    (("ipxe", "sbom"), "native", "generic", "arm64", ("sbom",)),  # ipxe is amd64 only: nothing implied
+])
+def test_native_builders_imply_their_inputs(make_build, artifacts, builder, device, arch, kinds):
+    b = make_build(arch=arch, device=device, artifacts=artifacts, builder=builder, raw_generic=False)
+    assert b.kinds == kinds

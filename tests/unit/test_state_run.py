@@ -28,7 +28,7 @@ def test_atomic_path(tmp_path, outcome, previous):
         out.parent.mkdir(parents=True)
         out.write_text(previous)
     expected = {"success": "new\n", "exception": previous, "no-file": previous}[outcome]
-    raised = {"success": None, "exception": Boom, "no-file": FileNotFoundError}[outcome]
+    raised = {"success": None, "exception": Boom, "no-file": KairosError}[outcome]
 
     def attempt():
         with atomic_path(out) as tmp:

@@ -1,0 +1,175 @@
+"""raw: the raw disk image `<stem>.img` (+ `.img.sha256`) for rpi3/rpi4 builds (and generic
+amd64 builds of flavors with `raw_generic: true`: EFI system partition with a standalone GRUB).
+
+Inputs are the extracted artifacts only: `<stem>-kernel`, `<stem>-initrd` and `<stem>.squashfs`
+(the task depends on their small `.sha256` files). The Raspberry Pi firmware and the kernel's
+device trees are taken out of the squashfs with unsquashfs (the builtin converter installs
+raspi-firmware for rpi devices). The disk is built without loop mounts or privileges by
+tasks/builders/native_raw.py, which documents the partition layout.
+
+With `builder: auroraboot` the AuroraBoot container builds the disk from the converted image
+instead (tasks/builders/auroraboot.py); that task depends on the image digest files.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from doit.tools import config_changed
+
+from ..builders import auroraboot, native_raw
+from ..graph import Context, action
+from ..matrix import Build
+from ..run import UsageError, run, say
+from ..state import Paths, atomic_path, clean_partials, partial_name, write_checksum
+from ..tools import docker
+from . import extract
+from .convert import image_file
+from .push import ensure_image, pushed_file
+
+STAGE_VERSION = 1
+RPI_DEVICES = ("rpi3", "rpi4")
+
+
+def tools(b: Build) -> dict[str, str]:
+    """Programs the raw stage runs for ``b`` (preflight checks them)."""
+    if b.flavor.builder == "auroraboot":
+        return {"docker": "run the AuroraBoot container (builder: auroraboot)"}
+    need = {
+        "sfdisk": "write the partition table of the raw disk image",
+        "mkfs.vfat": "make the firmware/boot FAT partition of the raw disk image",
+        "mmd": "make directories in the FAT partition of the raw disk image",
+        "mcopy": "copy the firmware, kernel and initrd into the FAT partition",
+        "mkfs.ext4": "make the Kairos ext4 partitions of the raw disk image",
+    }
+    if b.device in RPI_DEVICES:
+        need["unsquashfs"] = "take the Raspberry Pi firmware and device trees out of the squashfs"
+    else:
+        need["grub-mkstandalone"] = "build the GRUB EFI loader of the generic raw disk image"
+    return need
+
+
+def unsquashfs_list_argv(squashfs: Path) -> list[str]:
+    return ["unsquashfs", "-lc", "-d", "", str(squashfs)]
+
+
+def unsquashfs_extract_argv(squashfs: Path, dest: Path, list_file: Path) -> list[str]:
+    return ["unsquashfs", "-f", "-no-progress", "-no-xattrs", "-d", str(dest), "-ef", str(list_file),
+            str(squashfs)]
+
+
+def parse_listing(text: str) -> list[str]:
+    """`unsquashfs -lc -d ""` output -> paths relative to / (pure)."""
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("/"):
+            out.append(line.lstrip("/"))
+    return out
+
+
+def firmware_from_squashfs(squashfs: Path, device: str, dest: Path) -> tuple[list[Path], list[Path]]:
+    listing = parse_listing(run(unsquashfs_list_argv(squashfs), capture=True, what="list the squashfs"))
+    firmware, dtbs = native_raw.pick_firmware(listing, device)
+    list_file = dest.with_name(dest.name + ".list")
+    list_file.write_text("".join(f"/{p}\n" for p in firmware + dtbs))
+    run(unsquashfs_extract_argv(squashfs, dest, list_file), what="extract firmware from the squashfs")
+    say(f"    firmware: {', '.join(Path(p).name for p in firmware)}; device trees: "
+        f"{', '.join(Path(p).name for p in dtbs)} (from /{Path(dtbs[0]).parent})")
+    return [dest / p for p in firmware], [dest / p for p in dtbs]
+
+
+def build_raw(paths: Paths, b: Build, out: Path) -> None:
+    kernel = extract.output(paths, b, "-kernel")
+    initrd = extract.output(paths, b, "-initrd")
+    squashfs = extract.output(paths, b, ".squashfs")
+    work_base = paths.tmp_dir() / f"{b.stem}-raw"
+    clean_partials(work_base)
+    work = partial_name(work_base)
+    work.mkdir(parents=True)
+    try:
+        if b.device in RPI_DEVICES:
+            firmware, dtbs = firmware_from_squashfs(squashfs, b.device, work / "rootfs")
+            boot = native_raw.rpi_boot_files(work, b.device, kernel, initrd, firmware, dtbs)
+            boot_type = "c"
+        else:
+            boot = native_raw.efi_boot_files(work, b.arch, kernel, initrd)
+            boot_type = "ef"
+        with atomic_path(out) as tmp:
+            native_raw.build_disk(tmp, work, b.stem, boot, squashfs, boot_type)
+        write_checksum(out)
+        say(f"    {out.name}: {out.stat().st_size} bytes")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def build_auroraboot(paths: Paths, b: Build, out: Path) -> None:
+    image = ensure_image(paths, b)
+    docker.tag(image, b.image)  # the tag AuroraBoot reads must be the recorded image
+    auroraboot.build_raw(b.flavor.auroraboot_image, b.image, b.arch, out)  # writes out + .sha256
+
+
+def refuse(message: str) -> None:
+    raise UsageError(message)
+
+
+def problem(b: Build) -> str | None:
+    """Why the raw image of ``b`` cannot be built (pure), or None."""
+    if b.flavor.builder == "auroraboot":
+        return None
+    if b.device not in RPI_DEVICES and b.arch not in native_raw.GRUB_EFI:
+        return (f"the native raw builder makes generic raw images for {', '.join(native_raw.GRUB_EFI)} only "
+                f"(GRUB for {b.arch} EFI is an {b.arch}-only Debian package); {b.stem}: remove raw_generic "
+                "or use the iso artifact")
+    return None
+
+
+def key(b: Build) -> str:
+    """Every option that changes the image, for config_changed (pure)."""
+    if b.flavor.builder == "auroraboot":
+        return json.dumps({"builder": "auroraboot",
+                           "argv": auroraboot.raw_argv(b.flavor.auroraboot_image, b.image, Path("OUT"), b.arch),
+                           "stage": STAGE_VERSION}, sort_keys=True)
+    return json.dumps({
+        "builder": b.flavor.builder, "device": b.device, "arch": b.arch,
+        "config": native_raw.config_txt(b.device) if b.device in RPI_DEVICES else native_raw.grub_cfg(),
+        "grub": native_raw.GRUB_MODULES if b.device not in RPI_DEVICES else None,
+        "cmdline": native_raw.cmdline_txt(b.device), "firmware": native_raw.FIRMWARE.get(b.device),
+        "dtbs": native_raw.DTBS.get(b.device), "oem": native_raw.OEM_SIZE,
+        "persistent": native_raw.PERSISTENT_SIZE, "stage": STAGE_VERSION,
+    }, sort_keys=True)
+
+
+def tasks(ctx: Context):
+    for b in ctx.builds:
+        if "raw" not in b.kinds:
+            continue
+        out = extract.output(ctx.paths, b, ".img")
+        why = problem(b)
+        if why:
+            yield {
+                "name": b.stem,
+                "doc": f"{out.name} (cannot be built: see the message)",
+                "actions": [action(refuse, why)],
+                "verbosity": 2,
+            }
+            continue
+        if b.flavor.builder == "auroraboot":
+            deps = [str(image_file(ctx.paths, b)), str(pushed_file(ctx.paths, b))]
+            act, how = action(build_auroraboot, ctx.paths, b, out), "AuroraBoot"
+        else:
+            deps = [str(extract.output(ctx.paths, b, s)) + ".sha256" for s in ("-kernel", "-initrd", ".squashfs")]
+            act = action(build_raw, ctx.paths, b, out)
+            how = "MBR: " + ("firmware FAT" if b.device in RPI_DEVICES else "EFI system partition") + \
+                " + Kairos partitions"
+        yield {
+            "name": b.stem,
+            "doc": f"{out.name}: {b.device} raw disk image ({how})",
+            "actions": [act],
+            "file_dep": deps,
+            "targets": [str(out), str(out) + ".sha256"],
+            "uptodate": [config_changed(key(b))],
+            "clean": True,
+            "verbosity": 2,
+        }

@@ -1,0 +1,363 @@
+"""arm64 Raspberry Pi 4 raw disk image, cross-built on amd64 (qemu-user-static + binfmt):
+mmdebstrap --arch arm64 base -> builtin conversion (linux/arm64) -> kernel, initrd, squashfs -> raw.
+
+Checks the partition table and file systems of the image, its firmware partition's files,
+that the kernel inside is an aarch64 kernel that boots (with its initrd) to the initramfs in
+qemu-system-aarch64 -M virt, and selective rebuilds: `doit raw:<rpi4 stem>` builds only what the
+image needs, and an overlay change of the rpi4 flavor reruns exactly the rpi4 chain.
+
+A second, cheap amd64 flavor (builtin converter on a registry base, raw_generic) shares nothing
+with the rpi4 one and must stay untouched; its generic raw image boots in qemu-system-x86_64
+with OVMF (EFI) to the initramfs. The arm64 conversion under emulation is the slow part; BuildKit's
+layer cache makes reruns fast when the mmdebstrap rootfs is byte-identical, so the runs pin
+SOURCE_DATE_EPOCH (mmdebstrap then writes a reproducible tarball).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.builders import native_raw as n
+from tasks.config import load_flavors
+from tasks.matrix import expand
+
+from .conftest import Workspace, write_flavor
+
+pytestmark = pytest.mark.integration
+
+MIB = 1 << 20
+ENV = {"SOURCE_DATE_EPOCH": "1700000000"}
+BOOT_TIMEOUT = 300
+FAT_FILES = {"start4.elf", "fixup4.dat", "bcm2711-rpi-4-b.dtb", "config.txt", "cmdline.txt", n.KERNEL_NAME,
+             n.INITRD_NAME}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(MIB), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def snapshot(outputs: Path, skip: str = "") -> dict[str, tuple[int, str]]:
+    """file name -> (mtime_ns, sha256) of every build artifact file (`kairos-<stem>...`) not
+    belonging to ``skip``; version-level aggregates (manifest.json, SHA256SUMS) are not artifacts
+    of one build and legitimately change when any build changes."""
+    return {p.name: (p.stat().st_mtime_ns, sha256(p)) for p in sorted(outputs.rglob("kairos-*"))
+            if p.is_file() and not (skip and p.name.startswith(skip))}
+
+
+@pytest.fixture(scope="module")
+def private_tmp():
+    """A scratch directory of this module outside pytest's basetemp: concurrent pytest sessions
+    prune old basetemp directories, and this module runs for many minutes."""
+    root = Path(tempfile.mkdtemp(prefix="kairos-raw-rpi4-", dir="/var/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def scratch(private_tmp, request):
+    path = private_tmp / "t" / request.node.name
+    path.mkdir(parents=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def rpi(private_tmp, ns, bases):
+    """Workspace with the arm64 rpi4 flavor (overlay of one file) and a cheap amd64 flavor."""
+    root = private_tmp / "ws"
+    ws = Workspace(root=root, ns=ns)
+    overlay = ws.flavors / "overlay-rpi" / "etc" / "kairos-raw-test.conf"
+    overlay.parent.mkdir(parents=True)
+    overlay.write_text("rpi4 overlay v1\n")
+    write_flavor(ws.flavors / "rpi.yaml", f"""
+        flavor: debian
+        release: "12"
+        base_image:
+          mmdebstrap: {{suite: bookworm, components: [main, non-free-firmware]}}
+        version: v3.1.0
+        variants: [core]
+        arches: [arm64]
+        devices: [rpi4]
+        converter: builtin
+        builtin: {{initramfs_modules: list}}
+        registry: {ns}/kairos
+        artifacts: [kernel, initrd, squashfs, raw]
+        overlay: overlay-rpi
+        squashfs: {{compression: lz4}}
+        """)
+    write_flavor(ws.flavors / "other.yaml", f"""
+        flavor: other
+        release: "1"
+        base_image: {bases['b']}
+        version: v3.1.0
+        variants: [core]
+        arches: [amd64]
+        devices: [generic]
+        converter: builtin
+        builtin: {{initramfs_modules: list}}
+        registry: {ns}/kairos
+        artifacts: [kernel, initrd, squashfs, raw]
+        raw_generic: true
+        squashfs: {{compression: lz4}}
+        """)
+    builds = {b.flavor.path.stem: b for b in expand(load_flavors([ws.flavors]))}
+    return ws, builds["rpi"], builds["other"], overlay
+
+
+def timed(ws: Workspace, *args: str):
+    started = time.monotonic()
+    result = ws.doit(*args, env=ENV, timeout=3 * 3600)
+    elapsed = time.monotonic() - started
+    print(f"TIMING doit {' '.join(args) or '(all)'}: {elapsed:.0f} s")
+    return result, elapsed
+
+
+@pytest.fixture(scope="module")
+def built(rpi):
+    """Build the amd64 generic raw image first, then `doit raw:<rpi4 stem>`; returns both results."""
+    ws, b, other, _ = rpi
+    first, _ = timed(ws, f"raw:{other.stem}")
+    assert first.rc == 0, first.err
+    before = snapshot(ws.outputs)
+    assert {f"{other.stem}{s}" for s in ("-kernel", "-initrd", ".squashfs", ".img")} <= set(before)
+    result, elapsed = timed(ws, f"raw:{b.stem}")
+    assert result.rc == 0, result.err
+    return result, before, elapsed
+
+
+def rpi_chain(b) -> set[str]:
+    return {f"{s}:{b.stem}" for s in ("convert", "push", "kernel", "initrd", "squashfs", "raw")}
+
+
+def test_raw_builds_only_what_it_needs(rpi, built):
+    ws, b, other, _ = rpi
+    result, before, elapsed = built
+    ran = result.build_actions
+    assert rpi_chain(b) <= ran
+    extra = {t for t in ran - rpi_chain(b) if not t.startswith(("bootstrap:", "seed:", "pull:"))}
+    assert extra == set(), f"raw:{b.stem} ran unrelated tasks: {extra}"
+    assert not any(other.stem in t for t in ran)
+    # the amd64 artifact built before stayed untouched (same mtime and sha256)
+    assert snapshot(ws.outputs, skip=b.stem) == before
+    out = ws.outputs / "v3.1.0"
+    img = out / f"{b.stem}.img"
+    digest, name = (out / f"{b.stem}.img.sha256").read_text().split()
+    assert name == img.name and digest == sha256(img)
+    assert not [p for p in out.iterdir() if ".partial-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def disk(rpi, built, private_tmp):
+    """The image, its sfdisk -J table, each partition extracted to a file, the FAT's files."""
+    ws, b, _, _ = rpi
+    img = ws.outputs / "v3.1.0" / f"{b.stem}.img"
+    table = json.loads(subprocess.run(["sfdisk", "-J", str(img)], capture_output=True, text=True,
+                                      check=True).stdout)["partitiontable"]
+    work = private_tmp / "parts"
+    work.mkdir()
+    parts = {}
+    with open(img, "rb") as src:
+        for i, p in enumerate(table["partitions"], 1):
+            if p["type"] == "5":
+                continue
+            dest = work / f"p{i}.fs"
+            src.seek(p["start"] * 512)
+            with open(dest, "wb") as fh:
+                left = p["size"] * 512
+                while left:
+                    block = src.read(min(left, 4 * MIB))
+                    assert block, f"image ends inside partition {i}"
+                    fh.write(block)
+                    left -= len(block)
+            parts[i] = dest
+    fat_dir = work / "fat"
+    fat_dir.mkdir()
+    subprocess.run(["mcopy", "-s", "-m", "-i", str(parts[1]), "::/", str(fat_dir)], check=True,
+                   env=dict(os.environ, MTOOLS_SKIP_CHECK="1"))
+    return img, table, parts, fat_dir
+
+
+def test_partition_table_is_as_planned(rpi, disk):
+    ws, b, _, _ = rpi
+    img, table, _, fat_dir = disk
+    assert table["label"] == "dos"
+    assert table["id"] == n.ids(b.stem)["label_id"]
+    squash = (ws.outputs / "v3.1.0" / f"{b.stem}.squashfs").stat().st_size
+    boot_content = sum(p.stat().st_size for p in fat_dir.rglob("*") if p.is_file())
+    plan = n.plan(boot_content, squash, squash, n.ids(b.stem)["label_id"])
+    got = [{"start": p["start"], "size": p["size"], "type": p["type"], "bootable": p.get("bootable", False)}
+           for p in table["partitions"]]
+    assert got == n.expected_table(plan)
+    assert img.stat().st_size == plan.disk_size
+
+
+def test_file_systems_are_clean_and_labelled(disk):
+    _, _, parts, _ = disk
+    vfat = subprocess.run(["fsck.vfat", "-n", str(parts[1])], capture_output=True, text=True)
+    assert vfat.returncode == 0, vfat.stdout + vfat.stderr
+    labels = {1: "COS_GRUB", 2: "COS_OEM", 3: "COS_RECOVERY", 5: "COS_STATE", 6: "COS_PERSISTENT"}
+    for i, path in parts.items():
+        got = subprocess.run(["blkid", "-o", "value", "-s", "LABEL", str(path)], capture_output=True,
+                             text=True).stdout.strip()
+        assert got == labels[i]
+        if i == 1:
+            continue
+        fsck = subprocess.run(["e2fsck", "-fn", str(path)], capture_output=True, text=True)
+        assert fsck.returncode == 0, f"partition {i}: {fsck.stdout}{fsck.stderr}"
+
+
+def _debugfs_dump(fs: Path, inner: str, dest: Path) -> None:
+    subprocess.run(["debugfs", "-R", f"dump {inner} {dest}", str(fs)], capture_output=True, check=True)
+
+
+def test_kairos_partitions_hold_the_system(rpi, disk, scratch):
+    tmp_path = scratch
+    ws, b, _, _ = rpi
+    _, _, parts, _ = disk
+    squash = ws.outputs / "v3.1.0" / f"{b.stem}.squashfs"
+    for i, inner in ((5, "/" + n.STATE_IMAGE), (3, "/" + n.RECOVERY_IMAGE)):
+        dest = tmp_path / f"p{i}.squashfs"
+        _debugfs_dump(parts[i], inner, dest)
+        assert dest.exists() and sha256(dest) == sha256(squash), f"{inner} in partition {i}"
+    listing = subprocess.run(["unsquashfs", "-lc", "-d", "", str(squash)], capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert "/etc/kairos-raw-test.conf" in listing        # the overlay is in the system image
+    assert "/usr/lib/raspi-firmware/start4.elf" in listing
+
+
+def test_firmware_partition_files(rpi, disk):
+    ws, b, _, _ = rpi
+    _, _, _, fat_dir = disk
+    names = {p.name for p in fat_dir.iterdir()}
+    assert FAT_FILES <= names, f"missing: {FAT_FILES - names}"
+    out = ws.outputs / "v3.1.0"
+    assert sha256(fat_dir / n.KERNEL_NAME) == sha256(out / f"{b.stem}-kernel")
+    assert sha256(fat_dir / n.INITRD_NAME) == sha256(out / f"{b.stem}-initrd")
+    assert (fat_dir / "config.txt").read_text() == n.config_txt("rpi4")
+    assert (fat_dir / "cmdline.txt").read_text() == n.cmdline_txt("rpi4")
+    # real firmware blobs, not placeholders: start4.elf is an ELF file of a few MB
+    start4 = (fat_dir / "start4.elf").read_bytes()
+    assert start4[:4] == b"\x7fELF" and len(start4) > 1 * MIB
+    assert (fat_dir / "bcm2711-rpi-4-b.dtb").read_bytes()[:4] == b"\xd0\x0d\xfe\xed"  # FDT magic
+
+
+def test_kernel_is_aarch64(disk):
+    _, _, _, fat_dir = disk
+    data = (fat_dir / n.KERNEL_NAME).read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    assert data[0x38:0x3c] == b"ARM\x64", "no arm64 Image header magic at 0x38"
+
+
+def test_kernel_boots_to_initramfs_in_qemu_aarch64(disk, scratch):
+    tmp_path = scratch
+    _, _, _, fat_dir = disk
+    log = tmp_path / "serial.log"
+    argv = ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a57", "-m", "1024",
+            "-kernel", str(fat_dir / n.KERNEL_NAME), "-initrd", str(fat_dir / n.INITRD_NAME),
+            "-append", "console=ttyAMA0", "-serial", f"file:{log}", "-display", "none", "-no-reboot"]
+    markers = ("Loading, please wait", "Begin:", "(initramfs)")
+    text = _serial_boot(argv, log, markers)
+    seen = [l for l in text.splitlines() if "Linux version" in l or any(m in l for m in markers)]
+    print("serial log lines:\n" + "\n".join(seen[:8]))
+    assert "Linux version" in text, f"kernel did not start; serial log tail:\n{text[-2000:]}"
+    assert any(m in text for m in markers), f"initramfs did not run; serial log tail:\n{text[-2000:]}"
+    assert "aarch64" in text or "arm64" in text
+
+
+def stems(ws: Workspace) -> set[str]:
+    return {b.stem for b in expand(load_flavors([ws.flavors]))}
+
+
+def per_build(ws: Workspace, ran: set[str]) -> tuple[set[str], set[str]]:
+    """Split executed tasks into (tasks of one build, version-level aggregates like manifest:v3.1.0)."""
+    names = stems(ws)
+    mine = {t for t in ran if t.split(":", 1)[-1] in names}
+    rest = ran - mine
+    assert all(t.split(":", 1)[-1] == "v3.1.0" for t in rest), f"unexpected tasks ran: {rest}"
+    return mine, rest
+
+
+def test_second_raw_run_builds_nothing(rpi, built):
+    ws, b, _, _ = rpi
+    again, _ = timed(ws, f"raw:{b.stem}")
+    assert again.rc == 0, again.err
+    assert again.build_actions == set(), f"expected nothing to rebuild, ran {again.build_actions}"
+    # the whole workspace: no build's task reruns (aggregates such as the manifest run once)
+    whole, _ = timed(ws)
+    assert whole.rc == 0, whole.err
+    assert per_build(ws, whole.build_actions)[0] == set(), whole.build_actions
+    final, _ = timed(ws)
+    assert final.rc == 0, final.err
+    assert final.build_actions == set(), f"expected nothing to rebuild, ran {final.build_actions}"
+
+
+def test_overlay_change_reruns_exactly_the_rpi4_chain(rpi, built):
+    ws, b, other, overlay = rpi
+    img = ws.outputs / "v3.1.0" / f"{b.stem}.img"
+    old_img = sha256(img)
+    others = snapshot(ws.outputs, skip=b.stem)
+    overlay.write_text("rpi4 overlay v2\n")
+    result, _ = timed(ws)
+    assert result.rc == 0, result.err
+    assert per_build(ws, result.build_actions)[0] == rpi_chain(b), result.build_actions
+    assert snapshot(ws.outputs, skip=b.stem) == others
+    assert sha256(img) != old_img
+    listing = subprocess.run(["unsquashfs", "-cat", str(ws.outputs / "v3.1.0" / f"{b.stem}.squashfs"),
+                              "etc/kairos-raw-test.conf"], capture_output=True, text=True, check=True).stdout
+    assert listing == "rpi4 overlay v2\n"
+
+
+def _serial_boot(argv: list[str], log: Path, markers: tuple[str, ...]) -> str:
+    """Run qemu until the serial log shows the kernel and a marker, or BOOT_TIMEOUT; always kill it."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    text = ""
+    try:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while time.monotonic() < deadline:
+            time.sleep(1)
+            text = log.read_text(errors="replace") if log.exists() else ""
+            if "Linux version" in text and any(m in text for m in markers):
+                break
+            if proc.poll() is not None:
+                break
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    return text
+
+
+def test_generic_raw_boots_with_ovmf(rpi, built, scratch):
+    tmp_path = scratch
+    ws, _, other, _ = rpi
+    img = ws.outputs / "v3.1.0" / f"{other.stem}.img"
+    table = json.loads(subprocess.run(["sfdisk", "-J", str(img)], capture_output=True, text=True,
+                                      check=True).stdout)["partitiontable"]
+    assert [p["type"] for p in table["partitions"]] == ["ef", "83", "83", "5", "83", "83"]
+    vars_copy = tmp_path / "OVMF_VARS.fd"
+    vars_copy.write_bytes(Path("/usr/share/OVMF/OVMF_VARS_4M.fd").read_bytes())
+    log = tmp_path / "serial.log"
+    # TCG: /dev/kvm may open yet fail at run time (nested virtualisation); never require it
+    argv = ["qemu-system-x86_64", "-accel", "tcg", "-M", "q35", "-m", "1024",
+            "-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+            "-drive", f"if=pflash,format=raw,file={vars_copy}",
+            "-drive", f"file={img},format=raw,if=virtio,snapshot=on",
+            "-serial", f"file:{log}", "-display", "none", "-no-reboot"]
+    markers = ("Loading, please wait", "Begin:", "(initramfs)")
+    text = _serial_boot(argv, log, markers)
+    seen = [l for l in text.splitlines() if "Linux version" in l or any(m in l for m in markers)]
+    print("serial log lines (OVMF):\n" + "\n".join(seen[:8]))
+    assert "Linux version" in text, f"kernel did not start; serial log tail:\n{text[-2000:]}"
+    assert any(m in text for m in markers), f"initramfs did not run; serial log tail:\n{text[-2000:]}"
