@@ -165,3 +165,18 @@ def test_python_m_tasks_without_command_is_a_usage_error():
     proc = _python_m_tasks()
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "usage:" in proc.stderr
+
+
+def test_plan_markdown_support_matrix_of_the_shipped_flavors(capsys):
+    assert main(["plan", "--flavors", str(Path(__file__).resolve().parents[2] / "flavors" / "upstream"),
+                 "--markdown"]) == 0
+    page = capsys.readouterr().out
+    assert page.startswith("# Image support matrix\n")
+    rows = [l for l in page.splitlines() if l.startswith("| ") and "`quay.io/kairos/" in l and " | `" in l
+            and l.count("|") == 8]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["alpine", "debian", "fedora", "opensuse", "ubuntu"]
+    ubuntu = next(r for r in rows if r.startswith("| ubuntu | 24.04 |"))
+    assert "core, standard (k3s v1.28.2+k3s1)" in ubuntu and "generic, rpi4 (arm64)" in ubuntu
+    assert "`quay.io/kairos/ubuntu:24.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2-k3s1` | " in page
+    assert "`kairos-ubuntu-24.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2+k3s1.img`" in page
+    assert "amd64-rpi4" not in page
