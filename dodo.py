@@ -14,7 +14,7 @@ from pathlib import Path
 from doit import get_var
 
 from tasks import graph
-from tasks.stages import (base, convert, extract, ipxe, iso, manifest, preflight, push, raw, resolve,
+from tasks.stages import (base, carrier, convert, extract, ipxe, iso, manifest, preflight, push, raw, resolve,
                           sbom, scan, sign)
 
 CTX = graph.load(Path(__file__).resolve().parent,
@@ -113,8 +113,13 @@ def task_verify():
     yield from sign.verify_tasks(CTX)
 
 
+def task_carrier():
+    """Push each raw <stem>.img as the OCI image <repo>:<tag>-img (FROM scratch, the file only)."""
+    yield from carrier.tasks(CTX)
+
+
 def task_manifest():
-    """Write outputs/<version>/manifest.json (inputs, outputs, tool versions) and SHA256SUMS."""
+    """Write outputs/<version>/manifest.json (inputs, outputs, tool versions), SHA256SUMS, RELEASE.md."""
     yield from manifest.tasks(CTX)
 
 
@@ -125,5 +130,6 @@ def task_build():
             "name": b.stem,
             "doc": f"all artifacts of {b.stem}",
             "actions": None,
-            "task_dep": [f"push:{b.stem}"] + [f"{kind}:{b.stem}" for kind in b.kinds],
+            "task_dep": [f"push:{b.stem}"] + [f"{kind}:{b.stem}" for kind in b.kinds]
+            + ([f"carrier:{b.stem}"] if "raw" in b.kinds else []),
         }

@@ -487,6 +487,9 @@ def _check_doc(path: Path, doc: Any, problems: list[str]) -> Flavor | None:
     if variants and "standard" in variants and not k3s:
         c.problem("variants" if "k3s_versions" not in doc else "k3s_versions",
                   "the standard variant needs at least one k3s version in k3s_versions (e.g. [v1.28.2+k3s1])")
+    if variants and "standard" in variants and converter == "builtin":
+        c.problem("variants", "the builtin converter does not install k3s; the standard variant needs "
+                  "converter: kairos-init")
     if variants and k3s and "standard" not in variants:
         c.problem("k3s_versions", "k3s versions are only used by the standard variant, which variants does not list")
     if arches and devices:

@@ -1,4 +1,4 @@
-"""manifest: `outputs/<version>/manifest.json` and `SHA256SUMS` for every version.
+"""manifest: `outputs/<version>/manifest.json`, `SHA256SUMS` and `RELEASE.md` for every version.
 
 For each build: its inputs (base reference and digest, kairos-init image and
 digest, converter flags, overlay hash) and each output file (name, size,
@@ -17,7 +17,7 @@ from .. import naming
 from ..graph import Context, action
 from ..matrix import Build
 from ..state import Paths, read_digest, sha256_file, write_text_atomic
-from . import convert, sign
+from . import carrier, convert, sign
 from .extract import output
 from .push import pushed_file
 
@@ -131,6 +131,44 @@ def build_record(paths: Paths, b: Build) -> dict:
     }
 
 
+def release_notes(version: str, builds: list[Build], records: list[dict], carriers: dict[str, str]) -> str:
+    """outputs/<version>/RELEASE.md (pure): artifacts with size and sha256, k3s versions,
+    cosign verify commands to paste, extraction commands of the -img carrier images."""
+    k3s = sorted({b.k3s_version for b in builds if b.k3s_version})
+    out = [f"# Kairos {version}", ""]
+    out += ["## k3s versions", ""] + ([f"- {v}" for v in k3s] or ["- none (core images only)"]) + [""]
+    out += ["## Artifacts", "", "| File | Size | sha256 |", "|---|---:|---|"]
+    for record in records:
+        for o in record["outputs"]:
+            out.append(f"| `{o['name']}` | {o['size']} | `{o['sha256']}` |")
+    out += ["", "## Images", ""]
+    for b, record in zip(builds, records):
+        out.append(f"- `{b.image}` = `{b.image.rpartition(':')[0]}@{record['image_digest']}`")
+    signed = [(b, r) for b, r in zip(builds, records) if "sign" in b.kinds]
+    if signed:
+        out += ["", "## Verify", "", "Signatures were made with cosign"
+                + (" (key-based, no transparency log: hence `--insecure-ignore-tlog=true`)."
+                   if not signed[0][0].flavor.sign.keyless else " (keyless)."), "", "```sh"]
+        for b, record in signed:
+            ref = f"{b.image.rpartition(':')[0]}@{record['image_digest']}"
+            args = "--key cosign.pub --insecure-ignore-tlog=true" if not b.flavor.sign.keyless else \
+                "--certificate-identity <identity> --certificate-oidc-issuer <issuer>"
+            out.append(f"cosign verify {args} {ref}")
+            if "sbom" in b.kinds:
+                out.append(f"cosign verify-attestation {args} --type spdxjson {ref}")
+            out.append(f"cosign verify-attestation {args} --type {sign.PROVENANCE_TYPE} {ref}")
+            for o in record["outputs"]:
+                if o.get("signature"):
+                    out.append(f"cosign verify-blob {args} --signature {o['signature']} {o['name']}.sha256")
+        out += ["sha256sum -c SHA256SUMS", "```"]
+    if carriers:
+        out += ["", "## Raw disk images as OCI images", "",
+                "Each `.img` is also pushed as an image holding only that file; get it back with:", "", "```sh"]
+        out += [carrier.extract_command(ref, name) for name, ref in sorted(carriers.items())]
+        out += ["```"]
+    return "\n".join(out) + "\n"
+
+
 def manifest(paths: Paths, version: str, builds: list[Build]) -> None:
     records = [build_record(paths, b) for b in builds]
     tools = {name: tool_version(argv) for name, argv in TOOL_VERSIONS.items()}
@@ -140,6 +178,8 @@ def manifest(paths: Paths, version: str, builds: list[Build]) -> None:
     lines = sorted({f"{o['sha256']}  {o['name']}" for r in records for o in r["outputs"]},
                    key=lambda line: line.split("  ", 1)[1])
     write_text_atomic(out / "SHA256SUMS", "\n".join(lines) + "\n")
+    carriers = {f"{b.stem}.img": carrier.carrier_ref(paths, b) for b in builds if "raw" in b.kinds}
+    write_text_atomic(out / "RELEASE.md", release_notes(version, builds, records, carriers))
 
 
 def tasks(ctx: Context):
@@ -150,15 +190,17 @@ def tasks(ctx: Context):
         deps: list[str] = []
         for b in builds:
             deps += [str(convert.image_file(ctx.paths, b)), str(pushed_file(ctx.paths, b))]
+            if "raw" in b.kinds:
+                deps.append(str(carrier.carrier_file(ctx.paths, b)))
             deps += [str(p) for p in small_outputs(ctx.paths, b)]
         out = ctx.paths.version_dir(version)
         yield {
             "name": version,
-            "doc": f"manifest.json and SHA256SUMS of {len(builds)} build(s) of {version}",
+            "doc": f"manifest.json, SHA256SUMS and RELEASE.md of {len(builds)} build(s) of {version}",
             "actions": [action(manifest, ctx.paths, version, builds)],
             "file_dep": deps,
             "task_dep": [f"build:{b.stem}" for b in builds],
-            "targets": [str(out / "manifest.json"), str(out / "SHA256SUMS")],
+            "targets": [str(out / "manifest.json"), str(out / "SHA256SUMS"), str(out / "RELEASE.md")],
             "clean": True,
             "verbosity": 2,
         }

@@ -109,8 +109,7 @@ def test_full_builtin_flavor_loads_every_option(write_flavor, tmp_path):
         base_image={"mmdebstrap": {"suite": "bookworm", "arch": "arm64", "variant": "apt",
                                    "mirror": "http://deb.example.org/debian",
                                    "components": ["main", "contrib"], "include": ["ca-certificates", "vim"]}},
-        variants=["core", "standard"], k3s_versions=["v1.28.2+k3s1", "v1.29.0-rc1+k3s2"],
-        arches=["arm64"], devices=["generic", "rpi4"], raw_generic=True, fips=True,
+        variants=["core"], arches=["arm64"], devices=["generic", "rpi4"], raw_generic=True, fips=True,
         artifacts=["raw", "kernel", "initrd", "squashfs", "sign"], overlay="overlay",
         builtin={"packages": ["openssh-server", "libc6:arm64"], "initramfs_modules": "dep"},
         squashfs={"compression": "xz", "block_size": "256k"},
@@ -126,7 +125,7 @@ def test_full_builtin_flavor_loads_every_option(write_flavor, tmp_path):
                                           mirror="http://deb.example.org/debian",
                                           components=("main", "contrib"), include=("ca-certificates", "vim"))
     assert f.converter == "builtin" and f.kairos_init_image is None
-    assert f.k3s_versions == ("v1.28.2+k3s1", "v1.29.0-rc1+k3s2")
+    assert f.k3s_versions == ()
     assert f.builtin == BuiltinOptions(packages=("openssh-server", "libc6:arm64"), initramfs_modules="dep")
     assert f.squashfs == SquashfsOptions(compression="xz", block_size="256k")
     assert f.overlay == (tmp_path / "flavors" / "overlay").resolve() and f.overlay.is_absolute()
@@ -272,6 +271,8 @@ ERROR_CASES = [
                  "mmdebstrap arch amd64 cannot serve arches arm64", "base_image:", id="mmdebstrap-arch-vs-arches"),
     pytest.param(doc(trusted_boot=True, arches=["arm64"], devices=["generic", "rpi4"]), "trusted_boot",
                  "trusted boot is only supported for generic devices", "trusted_boot:", id="trusted-boot-rpi"),
+    pytest.param(doc(variants=["core", "standard"], k3s_versions=["v1.28.2+k3s1"], **BUILTIN), "variants",
+                 "the builtin converter does not install k3s", "variants:", id="builtin-standard"),
     pytest.param(doc(builder="mkosi"), "builder", "unknown builder 'mkosi' (allowed: native, auroraboot)",
                  "builder:", id="unknown-builder"),
     pytest.param(doc(auroraboot_image="Not A Ref"), "auroraboot_image", "invalid value 'Not A Ref'",

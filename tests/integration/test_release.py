@@ -1,0 +1,78 @@
+"""Release shape: a raw image pushed as an `-img` OCI carrier image and extracted
+again with the command RELEASE.md prints; RELEASE.md lists artifacts and commands."""
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+
+import pytest
+
+from tasks import naming
+from tasks.config import load_flavors
+from tasks.matrix import expand
+
+from .conftest import Workspace, write_flavor
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def rel(tmp_path_factory, ns, bases):
+    ws = Workspace(root=tmp_path_factory.mktemp("release"), ns=ns)
+    write_flavor(ws.flavors / "rel.yaml", f"""
+        flavor: debian
+        release: "12"
+        base_image: {bases['b']}
+        version: v3.1.0
+        variants: [core]
+        arches: [amd64]
+        devices: [generic]
+        converter: builtin
+        builtin: {{initramfs_modules: list}}
+        registry: {ns}/kairos
+        artifacts: [raw]
+        raw_generic: true
+        squashfs: {{compression: lz4}}
+        """)
+    (b,) = expand(load_flavors([ws.flavors]))
+    result = ws.doit()
+    assert result.rc == 0, result.err
+    return ws, b, result
+
+
+def test_raw_image_round_trips_through_its_carrier_image(rel, engine, tmp_path):
+    ws, b, result = rel
+    assert f"carrier:{b.stem}" in result.executed
+    tag = naming.carrier_tag(b.image)
+    assert tag.endswith("-generic-v3.1.0-img")
+    pushed = (ws.state / "carrier" / f"{b.stem}.digest").read_text().strip()
+    assert engine.images.get_registry_data(tag).id == pushed
+    notes = (ws.outputs / "v3.1.0" / "RELEASE.md").read_text()
+    commands = [l for l in notes.splitlines() if l.startswith("id=$(docker create")]
+    assert len(commands) == 1 and pushed in commands[0]
+    engine.images.remove(tag, force=True)  # the printed command must pull it by itself
+    subprocess.run(["bash", "-c", commands[0]], cwd=tmp_path, check=True, env={"PATH": "/usr/bin:/bin"})
+    got = hashlib.sha256((tmp_path / f"{b.stem}.img").read_bytes()).hexdigest()
+    want = (ws.outputs / "v3.1.0" / f"{b.stem}.img.sha256").read_text().split()[0]
+    assert got == want
+
+
+def test_release_notes_list_every_artifact_with_size_and_sha256(rel):
+    ws, b, _ = rel
+    out = ws.outputs / "v3.1.0"
+    notes = (out / "RELEASE.md").read_text()
+    assert notes.startswith("# Kairos v3.1.0\n") and "- none (core images only)" in notes
+    rows = {m.group(1): (int(m.group(2)), m.group(3))
+            for m in re.finditer(r"^\| `([^`]+)` \| (\d+) \| `([0-9a-f]{64})` \|$", notes, re.M)}
+    for suffix in (".img", "-kernel", "-initrd", ".squashfs"):
+        name = b.stem + suffix
+        assert rows[name][0] == (out / name).stat().st_size
+        assert rows[name][1] == (out / (name + ".sha256")).read_text().split()[0]
+    assert f"`{b.image}` = `" in notes
+
+
+def test_second_run_runs_nothing(rel):
+    ws, _, _ = rel
+    again = ws.doit()
+    assert again.rc == 0 and again.build_actions == set(), again.build_actions
