@@ -127,6 +127,7 @@ class Flavor:
     netboot_url: str | None = None
     scan: ScanOptions = field(default_factory=ScanOptions)
     sign: SignOptions = field(default_factory=SignOptions)
+    cloud_config: Path | None = None   # baked into the ISO (/config.yaml) and raw images (COS_OEM)
 
 
 # --- YAML loading with line numbers and duplicate-key detection -------------
@@ -268,7 +269,7 @@ def _type_name(value: Any) -> str:
 
 TOP_KEYS = ("flavor", "release", "base_image", "version", "variants", "k3s_versions", "arches", "devices",
             "converter", "kairos_init_image", "registry", "artifacts", "overlay", "trusted_boot", "fips",
-            "raw_generic", "builtin", "squashfs", "builder", "auroraboot_image", "netboot_url", "scan", "sign")
+            "raw_generic", "builtin", "squashfs", "builder", "auroraboot_image", "netboot_url", "scan", "sign", "cloud_config")
 SCAN_KEYS = ("policy", "severity", "vulnerabilities", "trivy_db", "grype_db", "download_db")
 SIGN_KEYS = ("key", "password_env", "keyless")
 MMDEBSTRAP_KEYS = ("suite", "arch", "variant", "mirror", "components", "include")
@@ -334,13 +335,14 @@ def _section(c: _Checker, doc: _Map, name: str, keys: tuple[str, ...]) -> dict |
 
 
 def _path_option(c: _Checker, spec: dict, name: str, key: str, base: Path, kind: str) -> Path | None:
-    raw = c.string(spec, key, f"{name}.", required=False)
+    prefix = f"{name}." if name else ""
+    raw = c.string(spec, key, prefix, required=False)
     if raw is None:
         return None
     resolved = (base / raw).resolve()
     ok = resolved.is_dir() if kind == "dir" else resolved.is_file()
     if not ok:
-        c.problem(f"{name}.{key}", f"{'directory' if kind == 'dir' else 'file'} {raw!r} does not exist "
+        c.problem(f"{prefix}{key}", f"{'directory' if kind == 'dir' else 'file'} {raw!r} does not exist "
                   f"(resolved to {resolved})", spec, key)
         return None
     return resolved
@@ -375,6 +377,33 @@ def _check_sign(c: _Checker, doc: _Map, path: Path) -> SignOptions | None:
                    hint="an environment variable name")
     return SignOptions(key=key, password_env=env or "COSIGN_PASSWORD",
                        keyless=c.boolean(spec, "keyless", "sign.", default=False))
+
+
+def cloud_config_problems(path: Path) -> list[str]:
+    """Problems of a cloud-config file, each naming `file:line` (pure but for reading it)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        return [f"{path}: cannot read: {exc}"]
+    if text.split("\n", 1)[0].rstrip() != "#cloud-config":
+        return [f"{path}:1: a cloud-config must start with the line #cloud-config"]
+    try:
+        doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as exc:
+        return [_yaml_problem(path, exc)]
+    if doc is not None and not isinstance(doc, dict):
+        return [f"{path}:2: a cloud-config is a YAML mapping, got {_type_name(doc)}"]
+    return []
+
+
+def _check_cloud_config(c: _Checker, doc: _Map, path: Path) -> Path | None:
+    found = _path_option(c, doc, "", "cloud_config", path.parent, "file") if "cloud_config" in doc else None
+    if found is None:
+        return None
+    problems = cloud_config_problems(found)
+    for problem in problems:
+        c.problem("cloud_config", problem)
+    return None if problems else found
 
 
 def _check_doc(path: Path, doc: Any, problems: list[str]) -> Flavor | None:
@@ -461,6 +490,7 @@ def _check_doc(path: Path, doc: Any, problems: list[str]) -> Flavor | None:
 
     scan = _check_scan(c, doc, path)
     sign = _check_sign(c, doc, path)
+    cloud_config = _check_cloud_config(c, doc, path)
 
     # cross-field rules
     if artifacts is not None and "grype" in artifacts and scan and not scan.vulnerabilities:
@@ -516,7 +546,8 @@ def _check_doc(path: Path, doc: Any, problems: list[str]) -> Flavor | None:
                   converter=converter, kairos_init_image=kairos_init if converter == "kairos-init" else None,
                   registry=registry, artifacts=artifacts, overlay=overlay, trusted_boot=trusted, fips=fips,
                   raw_generic=raw_generic, builtin=builtin, squashfs=squashfs, builder=builder,
-                  auroraboot_image=auroraboot, netboot_url=netboot_url, scan=scan, sign=sign)
+                  auroraboot_image=auroraboot, netboot_url=netboot_url, scan=scan, sign=sign,
+                  cloud_config=cloud_config)
 
 
 def _display(path: Path) -> Path:

@@ -49,12 +49,18 @@ def run_prefix(auroraboot_image: str, out_dir: Path, *, privileged: bool = False
     return argv
 
 
-def iso_argv(auroraboot_image: str, image: str, out_dir: Path, cloud_config: str | None = None,
+CLOUD_CONFIG = "/cloud-config.yaml"
+
+
+def iso_argv(auroraboot_image: str, image: str, out_dir: Path, cloud_config: Path | None = None,
              socket: str = DOCKER_SOCK) -> list[str]:
-    """ISO: `... --debug build-iso --output /output/ [--cloud-config F] docker:<image>` (pure)."""
-    argv = run_prefix(auroraboot_image, out_dir, socket=socket) + ["--debug", "build-iso", "--output", OUTPUT + "/"]
+    """ISO: `... --debug build-iso --output /output/ [--cloud-config F] docker:<image>` (pure);
+    a cloud-config file on the host is mounted read-only into the container."""
+    mounts = ((f"{cloud_config}", f"{CLOUD_CONFIG}:ro"),) if cloud_config else ()
+    argv = run_prefix(auroraboot_image, out_dir, socket=socket, mounts=mounts) + [
+        "--debug", "build-iso", "--output", OUTPUT + "/"]
     if cloud_config:
-        argv += ["--cloud-config", cloud_config]
+        argv += ["--cloud-config", CLOUD_CONFIG]
     argv.append(docker_source(image))
     return argv
 
@@ -154,7 +160,7 @@ def _run_container(argv: list[str], what: str) -> None:
     run(argv, what=what, show=True)
 
 
-def build_iso(auroraboot_image: str, image: str, out: Path) -> None:
+def build_iso(auroraboot_image: str, image: str, out: Path, cloud_config: Path | None = None) -> None:
     """Run build-iso for ``image`` (a tag in the local daemon) and rename its ISO to ``out``."""
     out = Path(out)
     socket = daemon_socket()
@@ -162,7 +168,8 @@ def build_iso(auroraboot_image: str, image: str, out: Path) -> None:
     scratch = _scratch(out)
     try:
         say(f"    AuroraBoot build-iso {docker_source(image)}")
-        _run_container(iso_argv(auroraboot_image, image, scratch, socket=socket), f"AuroraBoot build-iso {out.name}")
+        _run_container(iso_argv(auroraboot_image, image, scratch, cloud_config, socket=socket),
+                       f"AuroraBoot build-iso {out.name}")
         found = pick_output(_listing(scratch), "iso")
         say(f"    AuroraBoot wrote {found}; renaming to {out.name}")
         _move_into_place(scratch / found, out)

@@ -80,10 +80,14 @@ def graft(iso_path: str, source: Path | str) -> str:
     return f"{esc(iso_path)}={esc(str(source))}"
 
 
+CLOUD_CONFIG_PATH = "/config.yaml"  # where Kairos installers look for a cloud-config on the ISO
+
+
 def mkrescue_argv(out: Path, cfg: Path, kernel: Path, initrd: Path, squashfs: Path,
-                  volume_id: str = VOLUME_ID) -> list[str]:
+                  volume_id: str = VOLUME_ID, cloud_config: Path | None = None) -> list[str]:
     """grub-mkrescue command (pure). Options after the output are xorriso's
     mkisofs options; the inputs are grafted into place, not copied first."""
+    extra = [graft(CLOUD_CONFIG_PATH, cloud_config)] if cloud_config is not None else []
     return [
         "grub-mkrescue", "--output", str(out),
         "-volid", volume_id,
@@ -92,7 +96,7 @@ def mkrescue_argv(out: Path, cfg: Path, kernel: Path, initrd: Path, squashfs: Pa
         graft(KERNEL_PATH, kernel),
         graft(INITRD_PATH, initrd),
         graft("/" + SQUASHFS_NAME, squashfs),
-    ]
+    ] + extra
 
 
 def check_arch(arch: str, grub_lib: Path = GRUB_LIB) -> None:
@@ -109,7 +113,7 @@ def check_arch(arch: str, grub_lib: Path = GRUB_LIB) -> None:
 
 
 def build_iso(out: Path, kernel: Path, initrd: Path, squashfs: Path, title: str, arch: str,
-              workdir: Path) -> None:
+              workdir: Path, cloud_config: Path | None = None) -> None:
     """Write the ISO to ``out`` (the caller renames it into place).
 
     ``workdir`` holds grub.cfg while grub-mkrescue runs; it is removed by the caller.
@@ -123,4 +127,5 @@ def build_iso(out: Path, kernel: Path, initrd: Path, squashfs: Path, title: str,
     cfg = workdir / "grub.cfg"
     cfg.write_text(grub_cfg(title, kernel_cmdline()))
     say(f"    grub-mkrescue (BIOS + EFI, volume {VOLUME_ID}) -> {Path(out).name}")
-    run(mkrescue_argv(out, cfg, kernel, initrd, squashfs), what=f"grub-mkrescue {Path(out).name}")
+    run(mkrescue_argv(out, cfg, kernel, initrd, squashfs, cloud_config=cloud_config),
+        what=f"grub-mkrescue {Path(out).name}")

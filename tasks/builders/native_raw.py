@@ -356,8 +356,9 @@ def fat_dirs(paths: list[str]) -> list[str]:
 
 
 def build_disk(out: Path, work: Path, seed: str, boot: dict[str, Path], squashfs: Path,
-               boot_type: str = "c") -> Plan:
-    """Assemble the raw disk image at ``out``; ``boot`` maps FAT paths to files, ``work`` is scratch."""
+               boot_type: str = "c", oem: dict[str, Path] | None = None) -> Plan:
+    """Assemble the raw disk image at ``out``; ``boot`` maps FAT paths to files, ``oem`` the
+    files of COS_OEM (e.g. the cloud-config), ``work`` is scratch."""
     ident = ids(seed)
     boot_content = sum(f.stat().st_size for f in boot.values())
     sq = squashfs.stat().st_size
@@ -388,7 +389,7 @@ def build_disk(out: Path, work: Path, seed: str, boot: dict[str, Path], squashfs
     fs_files["COS_GRUB"] = fat
 
     # Kairos partitions: ext4 filled from directories
-    trees = {"COS_OEM": {}, "COS_RECOVERY": {RECOVERY_IMAGE: squashfs}, "COS_STATE": {STATE_IMAGE: squashfs},
+    trees = {"COS_OEM": dict(oem or {}), "COS_RECOVERY": {RECOVERY_IMAGE: squashfs}, "COS_STATE": {STATE_IMAGE: squashfs},
              "COS_PERSISTENT": {}}
     for label, files in trees.items():
         tree = work / f"{label}.d"

@@ -68,13 +68,15 @@ def key(b: Build) -> str:
     """Everything that changes the ISO besides its input files (pure, path independent)."""
     if b.flavor.builder == "auroraboot":
         return json.dumps({"builder": "auroraboot",
-                           "argv": auroraboot.iso_argv(b.flavor.auroraboot_image, b.image, Path("OUT")),
+                           "argv": auroraboot.iso_argv(b.flavor.auroraboot_image, b.image, Path("OUT"),
+                                                       Path("CC") if b.flavor.cloud_config else None),
                            "stage": STAGE_VERSION}, sort_keys=True)
     kernel, initrd, squashfs = (Path(b.stem + s) for s in INPUTS)
     return json.dumps({"builder": "native",
                        "grub.cfg": native_iso.grub_cfg(title(b), native_iso.kernel_cmdline()),
-                       "argv": native_iso.mkrescue_argv(Path(b.stem + ".iso"), Path("grub.cfg"), kernel, initrd,
-                                                        squashfs),
+                       "argv": native_iso.mkrescue_argv(
+                           Path(b.stem + ".iso"), Path("grub.cfg"), kernel, initrd, squashfs,
+                           cloud_config=Path("cloud-config.yaml") if b.flavor.cloud_config else None),
                        "stage": STAGE_VERSION}, sort_keys=True)
 
 
@@ -86,7 +88,8 @@ def build_native(paths: Paths, b: Build, out: Path) -> None:
     work = partial_name(work)
     try:
         with atomic_path(out) as tmp:
-            native_iso.build_iso(tmp, kernel, initrd, squashfs, title(b), b.arch, work)
+            native_iso.build_iso(tmp, kernel, initrd, squashfs, title(b), b.arch, work,
+                                 cloud_config=b.flavor.cloud_config)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     write_checksum(out)
@@ -96,7 +99,7 @@ def build_native(paths: Paths, b: Build, out: Path) -> None:
 def build_auroraboot(paths: Paths, b: Build, out: Path) -> None:
     image = ensure_image(paths, b)
     docker.tag(image, b.image)  # the tag AuroraBoot reads must be the recorded image
-    auroraboot.build_iso(b.flavor.auroraboot_image, b.image, out)
+    auroraboot.build_iso(b.flavor.auroraboot_image, b.image, out, b.flavor.cloud_config)
 
 
 def build(paths: Paths, b: Build, out: Path) -> None:
@@ -121,7 +124,7 @@ def tasks(ctx: Context):
             "name": b.stem,
             "doc": f"{out.name} ({source}, BIOS+EFI, volume {native_iso.VOLUME_ID})",
             "actions": [action(build, ctx.paths, b, out)],
-            "file_dep": file_dep(ctx.paths, b),
+            "file_dep": file_dep(ctx.paths, b) + ([str(b.flavor.cloud_config)] if b.flavor.cloud_config else []),
             "targets": [str(out), str(out) + ".sha256"],
             "uptodate": [config_changed(key(b))],
             "clean": True,

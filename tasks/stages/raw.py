@@ -80,6 +80,13 @@ def firmware_from_squashfs(squashfs: Path, device: str, dest: Path) -> tuple[lis
     return [dest / p for p in firmware], [dest / p for p in dtbs]
 
 
+OEM_CLOUD_CONFIG = "90_custom.yaml"  # Kairos reads cloud-configs from the OEM partition
+
+
+def oem_files(b: Build) -> dict[str, Path]:
+    return {OEM_CLOUD_CONFIG: b.flavor.cloud_config} if b.flavor.cloud_config else {}
+
+
 def build_raw(paths: Paths, b: Build, out: Path) -> None:
     kernel = extract.output(paths, b, "-kernel")
     initrd = extract.output(paths, b, "-initrd")
@@ -97,7 +104,7 @@ def build_raw(paths: Paths, b: Build, out: Path) -> None:
             boot = native_raw.efi_boot_files(work, b.arch, kernel, initrd)
             boot_type = "ef"
         with atomic_path(out) as tmp:
-            native_raw.build_disk(tmp, work, b.stem, boot, squashfs, boot_type)
+            native_raw.build_disk(tmp, work, b.stem, boot, squashfs, boot_type, oem_files(b))
         write_checksum(out)
         say(f"    {out.name}: {out.stat().st_size} bytes")
     finally:
@@ -137,7 +144,7 @@ def key(b: Build) -> str:
         "grub": native_raw.GRUB_MODULES if b.device not in RPI_DEVICES else None,
         "cmdline": native_raw.cmdline_txt(b.device), "firmware": native_raw.FIRMWARE.get(b.device),
         "dtbs": native_raw.DTBS.get(b.device), "oem": native_raw.OEM_SIZE,
-        "persistent": native_raw.PERSISTENT_SIZE, "stage": STAGE_VERSION,
+        "persistent": native_raw.PERSISTENT_SIZE, "oem_files": sorted(oem_files(b)), "stage": STAGE_VERSION,
     }, sort_keys=True)
 
 
@@ -160,6 +167,7 @@ def tasks(ctx: Context):
             act, how = action(build_auroraboot, ctx.paths, b, out), "AuroraBoot"
         else:
             deps = [str(extract.output(ctx.paths, b, s)) + ".sha256" for s in ("-kernel", "-initrd", ".squashfs")]
+            deps += [str(p) for p in oem_files(b).values()]
             act = action(build_raw, ctx.paths, b, out)
             how = "MBR: " + ("firmware FAT" if b.device in RPI_DEVICES else "EFI system partition") + \
                 " + Kairos partitions"

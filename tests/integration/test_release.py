@@ -3,6 +3,7 @@ again with the command RELEASE.md prints; RELEASE.md lists artifacts and command
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import subprocess
 
@@ -15,11 +16,14 @@ from tasks.matrix import expand
 from .conftest import Workspace, write_flavor
 
 pytestmark = pytest.mark.integration
+CLOUD_CONFIG = "#cloud-config\nusers:\n  - name: kairos\n    passwd: kairos\n"
 
 
 @pytest.fixture(scope="module")
 def rel(tmp_path_factory, ns, bases):
     ws = Workspace(root=tmp_path_factory.mktemp("release"), ns=ns)
+    ws.flavors.mkdir(parents=True)
+    (ws.flavors / "cloud-config.yml.in").write_text(CLOUD_CONFIG)
     write_flavor(ws.flavors / "rel.yaml", f"""
         flavor: debian
         release: "12"
@@ -31,9 +35,10 @@ def rel(tmp_path_factory, ns, bases):
         converter: builtin
         builtin: {{initramfs_modules: list}}
         registry: {ns}/kairos
-        artifacts: [raw]
+        artifacts: [raw, iso]
         raw_generic: true
         squashfs: {{compression: lz4}}
+        cloud_config: cloud-config.yml.in
         """)
     (b,) = expand(load_flavors([ws.flavors]))
     result = ws.doit()
@@ -76,3 +81,33 @@ def test_second_run_runs_nothing(rel):
     ws, _, _ = rel
     again = ws.doit()
     assert again.rc == 0 and again.build_actions == set(), again.build_actions
+
+
+def test_cloud_config_is_baked_into_iso_and_raw(rel, tmp_path):
+    ws, b, _ = rel
+    out = ws.outputs / "v3.1.0"
+    got = subprocess.run(["xorriso", "-osirrox", "on", "-indev", str(out / f"{b.stem}.iso"),
+                          "-extract", "/config.yaml", str(tmp_path / "iso-config.yaml")],
+                         capture_output=True, text=True)
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "iso-config.yaml").read_text() == CLOUD_CONFIG
+    img = out / f"{b.stem}.img"
+    table = json.loads(subprocess.run(["sfdisk", "-J", str(img)], capture_output=True, text=True,
+                                      check=True).stdout)["partitiontable"]
+    oem = table["partitions"][1]  # p2: COS_OEM
+    part = tmp_path / "oem.ext4"
+    with open(img, "rb") as src, open(part, "wb") as dst:
+        src.seek(oem["start"] * 512)
+        dst.write(src.read(oem["size"] * 512))
+    label = subprocess.run(["e2label", str(part)], capture_output=True, text=True, check=True).stdout.strip()
+    assert label == "COS_OEM"
+    cat = subprocess.run(["debugfs", "-R", "cat /90_custom.yaml", str(part)], capture_output=True, text=True)
+    assert cat.stdout == CLOUD_CONFIG, cat.stderr
+
+
+def test_changed_cloud_config_rebuilds_iso_and_raw_only(rel):
+    ws, b, _ = rel
+    (ws.flavors / "cloud-config.yml.in").write_text(CLOUD_CONFIG + "hostname: changed\n")
+    result = ws.doit()
+    assert result.rc == 0, result.err
+    assert result.build_actions == {f"iso:{b.stem}", f"raw:{b.stem}", f"carrier:{b.stem}", "manifest:v3.1.0"}

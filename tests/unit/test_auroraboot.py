@@ -15,8 +15,10 @@ PREFIX = ["docker", "run", "--rm", "-v", "/var/run/docker.sock:/var/run/docker.s
 
 ISO_CASES = [
     (None, "/var/run/docker.sock", PREFIX + ["--debug", "build-iso", "--output", "/output/", f"docker:{IMG}"]),
-    ("/output/cc.yaml", "/var/run/docker.sock",
-     PREFIX + ["--debug", "build-iso", "--output", "/output/", "--cloud-config", "/output/cc.yaml", f"docker:{IMG}"]),
+    # a host cloud-config is mounted read-only and passed by its path in the container
+    (Path("/srv/cc.yaml"), "/var/run/docker.sock",
+     PREFIX[:-1] + ["-v", "/srv/cc.yaml:/cloud-config.yaml:ro", AB, "--debug", "build-iso", "--output", "/output/",
+                    "--cloud-config", "/cloud-config.yaml", f"docker:{IMG}"]),
     (None, "/run/user/0/docker.sock",
      ["docker", "run", "--rm", "-v", "/run/user/0/docker.sock:/var/run/docker.sock", "-v", "/out/x:/output", AB,
       "--debug", "build-iso", "--output", "/output/", f"docker:{IMG}"]),

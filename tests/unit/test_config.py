@@ -393,3 +393,23 @@ def test_parse_ref(ref, parts):
 def test_parse_ref_rejects(ref):
     with pytest.raises(ValueError, match="not an image reference"):
         parse_ref(ref)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("hostname: x\n", "bad-cc.yaml:1: a cloud-config must start with the line #cloud-config"),
+    ("#cloud-config\nusers:\n  - name: [oops\n", "bad-cc.yaml:4: malformed YAML"),
+    ("#cloud-config\n- a\n- b\n", "bad-cc.yaml:2: a cloud-config is a YAML mapping, got a list"),
+])
+def test_bad_cloud_config_is_a_config_error_naming_its_file_and_line(write_flavor, tmp_path, text, message):
+    write_flavor("bad-cc.yaml", text)
+    path = write_flavor("f.yaml", doc(cloud_config="bad-cc.yaml"))
+    problems = problems_of([path])
+    assert any(p.startswith(f"{path}:") and "cloud_config:" in p and message in p for p in problems), problems
+
+
+def test_good_cloud_config_loads(write_flavor, tmp_path):
+    (tmp_path / "flavors").mkdir(exist_ok=True)
+    cc = tmp_path / "flavors" / "cc.yaml.in"
+    cc.write_text("#cloud-config\nusers:\n  - name: kairos\n")
+    (f,) = load_flavors([write_flavor("f.yaml", doc(cloud_config="cc.yaml.in"))])
+    assert f.cloud_config == cc.resolve()
