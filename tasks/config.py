@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from . import k3s
+
 ARTIFACT_KINDS = ("iso", "raw", "ipxe", "kernel", "initrd", "squashfs", "sbom", "trivy", "grype", "sign")
 VARIANTS = ("core", "standard")
 ARCHES = ("amd64", "arm64")
@@ -269,7 +271,8 @@ def _type_name(value: Any) -> str:
 
 TOP_KEYS = ("flavor", "release", "base_image", "version", "variants", "k3s_versions", "arches", "devices",
             "converter", "kairos_init_image", "registry", "artifacts", "overlay", "trusted_boot", "fips",
-            "raw_generic", "builtin", "squashfs", "builder", "auroraboot_image", "netboot_url", "scan", "sign", "cloud_config")
+            "raw_generic", "builtin", "squashfs", "builder", "auroraboot_image", "netboot_url", "scan", "sign", "cloud_config", "k3s_policy")
+K3S_POLICY_KEYS = ("current", "available")
 SCAN_KEYS = ("policy", "severity", "vulnerabilities", "trivy_db", "grype_db", "download_db")
 SIGN_KEYS = ("key", "password_env", "keyless")
 MMDEBSTRAP_KEYS = ("suite", "arch", "variant", "mirror", "components", "include")
@@ -406,6 +409,26 @@ def _check_cloud_config(c: _Checker, doc: _Map, path: Path) -> Path | None:
     return None if problems else found
 
 
+def _k3s_by_policy(c: _Checker, doc: _Map, path: Path) -> tuple[str, ...] | None:
+    """k3s_versions: policy -> the next versions from k3s_policy {current, available}."""
+    spec = _section(c, doc, "k3s_policy", K3S_POLICY_KEYS)
+    if not spec:
+        if spec == {}:
+            c.problem("k3s_policy", "required with k3s_versions: policy: {current: [...], available: FILE}")
+        return None
+    current = c.choice_list(spec, "current", None, "k3s_policy.", pattern=K3S_RE,
+                            hint="a k3s release such as v1.28.2+k3s1")
+    available = _path_option(c, spec, "k3s_policy", "available", path.parent, "file")
+    if not current or available is None:
+        return None
+    try:
+        upstream = k3s.parse_available(available.read_text())
+    except (OSError, ValueError) as exc:
+        c.problem("k3s_policy.available", f"{available}: {exc}", spec, "available")
+        return None
+    return tuple(str(v) for v in k3s.next_versions([k3s.parse(v) for v in current], upstream))
+
+
 def _check_doc(path: Path, doc: Any, problems: list[str]) -> Flavor | None:
     if not isinstance(doc, dict):
         problems.append(f"{path}: the file must hold one mapping of flavor keys, got {_type_name(doc)}")
@@ -418,8 +441,13 @@ def _check_doc(path: Path, doc: Any, problems: list[str]) -> Flavor | None:
     base = _check_base(c, doc)
     version = c.string(doc, "version", pattern=VERSION_RE, hint="a semantic version with a leading v, e.g. v3.1.0")
     variants = c.choice_list(doc, "variants", VARIANTS)
-    k3s = c.choice_list(doc, "k3s_versions", None, required=False, pattern=K3S_RE,
-                        hint="a k3s release such as v1.28.2+k3s1")
+    if doc.get("k3s_versions") == "policy":
+        k3s = _k3s_by_policy(c, doc, path)
+    else:
+        k3s = c.choice_list(doc, "k3s_versions", None, required=False, pattern=K3S_RE,
+                            hint="a k3s release such as v1.28.2+k3s1, or the word policy (see k3s_policy)")
+        if "k3s_policy" in doc:
+            c.problem("k3s_policy", "only used with k3s_versions: policy")
     arches = c.choice_list(doc, "arches", ARCHES)
     devices = c.choice_list(doc, "devices", tuple(DEVICES))
     converter = c.string(doc, "converter", required=False, default="kairos-init")

@@ -413,3 +413,25 @@ def test_good_cloud_config_loads(write_flavor, tmp_path):
     cc.write_text("#cloud-config\nusers:\n  - name: kairos\n")
     (f,) = load_flavors([write_flavor("f.yaml", doc(cloud_config="cc.yaml.in"))])
     assert f.cloud_config == cc.resolve()
+
+
+def test_k3s_versions_by_policy(write_flavor, tmp_path):
+    (tmp_path / "flavors").mkdir(exist_ok=True)
+    (tmp_path / "flavors" / "k3s.txt").write_text("v1.30.0+k3s1\nv1.27.4+k3s1\nv1.28.3+k3s1\nv1.29.2+k3s1\n")
+    text = doc(variants=["core", "standard"], k3s_versions="policy",
+               k3s_policy={"current": ["v1.27.3+k3s1", "v1.28.2+k3s1", "v1.29.1+k3s1"], "available": "k3s.txt"})
+    (f,) = load_flavors([write_flavor("f.yaml", text)])
+    assert f.k3s_versions == ("v1.28.3+k3s1", "v1.29.2+k3s1", "v1.30.0+k3s1")
+
+
+@pytest.mark.parametrize("changes, keypath, message", [
+    (dict(k3s_versions="policy"), "k3s_policy", "required with k3s_versions: policy"),
+    (dict(k3s_versions="policy", k3s_policy={"current": ["v1.27.3+k3s1"], "available": "nope.txt"}),
+     "k3s_policy.available", "file 'nope.txt' does not exist"),
+    (dict(k3s_versions=["v1.28.2+k3s1"], k3s_policy={"current": []}), "k3s_policy",
+     "only used with k3s_versions: policy"),
+])
+def test_k3s_policy_errors(write_flavor, changes, keypath, message):
+    path = write_flavor("f.yaml", doc(variants=["core", "standard"], **changes))
+    problems = problems_of([path])
+    assert any(f" {keypath}: " in p and message in p for p in problems), problems
