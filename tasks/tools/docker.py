@@ -8,7 +8,6 @@ classic CLI (< 23, e.g. Debian's docker.io) with DOCKER_BUILDKIT=1.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import subprocess
@@ -243,10 +242,3 @@ def read_iidfile(path: Path) -> str:
         raise KairosError(f"docker build wrote no image ID to {path}")
     return text
 
-
-def inspect_labels(ref: str) -> dict[str, str]:
-    return client().images.get(ref).labels or {}
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
