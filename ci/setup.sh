@@ -87,6 +87,8 @@ storage:
 http:
   addr: 127.0.0.1:5000
 EOF
+  # drop blobs no manifest refers to any more (test sessions delete their manifests)
+  docker-registry garbage-collect --delete-untagged /etc/kairos-registry.yml >/dev/null 2>&1 || true
   log "starting the local registry on 127.0.0.1:5000 (storage $dir, log /var/log/kairos-registry.log)"
   nohup docker-registry serve /etc/kairos-registry.yml >/var/log/kairos-registry.log 2>&1 &
   for _ in $(seq 1 30); do registry_ok && break; sleep 1; done

@@ -8,6 +8,7 @@ cached under /var/tmp/kairos-test-cache and reused across runs when present.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import docker
+import docker.errors
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -124,10 +126,60 @@ def engine():
     return client
 
 
+def _registry_json(method: str, url: str, accept: str = "") -> tuple[dict, dict]:
+    request = urllib.request.Request(url, method=method, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        body = response.read()
+        return (json.loads(body) if body and method == "GET" else {}), dict(response.headers)
+
+
+MANIFEST_TYPES = ", ".join(["application/vnd.docker.distribution.manifest.v2+json",
+                            "application/vnd.docker.distribution.manifest.list.v2+json",
+                            "application/vnd.oci.image.manifest.v1+json",
+                            "application/vnd.oci.image.index.v1+json"])
+
+
+def drop_namespace(client, namespace: str) -> None:
+    """Remove what a test session left: its images in the engine and its manifests in the
+    registry (blobs go at the registry's next garbage collection, which ci/setup.sh runs)."""
+    path = namespace.split("/", 1)[1]
+    for image in client.images.list():
+        if any(t.startswith(namespace + "/") for t in image.tags):
+            try:
+                client.images.remove(image.id, force=True)
+            except docker.errors.APIError:
+                pass
+    try:
+        catalog, _ = _registry_json("GET", f"http://{REGISTRY}/v2/_catalog?n=1000&last={path}")
+    except (OSError, ValueError):
+        return  # best effort: cleaning up must never fail the run
+    for repo in catalog.get("repositories") or []:
+        if not repo.startswith(path + "/"):
+            continue
+        try:
+            tags, _ = _registry_json("GET", f"http://{REGISTRY}/v2/{repo}/tags/list")
+        except (OSError, ValueError):
+            continue
+        for tag in tags.get("tags") or []:
+            try:
+                _, headers = _registry_json("HEAD", f"http://{REGISTRY}/v2/{repo}/manifests/{tag}", MANIFEST_TYPES)
+                digest = headers.get("Docker-Content-Digest")
+                if digest:
+                    _registry_json("DELETE", f"http://{REGISTRY}/v2/{repo}/manifests/{digest}")
+            except (OSError, ValueError):
+                continue
+
+
 @pytest.fixture(scope="session")
 def ns(engine) -> str:
-    """A registry namespace of this test session."""
-    return f"{REGISTRY}/it-{uuid.uuid4().hex[:8]}"
+    """A registry namespace of this test session, removed again at the end."""
+    namespace = f"{REGISTRY}/it-{uuid.uuid4().hex[:8]}"
+    yield namespace
+    drop_namespace(engine, namespace)
+    try:  # keep BuildKit's layer cache (it makes reruns fast) but bounded
+        engine.api.prune_builds(keep_storage=10 * 2**30)
+    except docker.errors.APIError:
+        pass
 
 
 @pytest.fixture(scope="session")
