@@ -6,9 +6,10 @@ Selection (environment or doit variables, e.g. `doit flavors=flavors/upstream`):
   KAIROS_SHARD   / shard=     I/N: only this shard of the build matrix
   KAIROS_STATE                state directory (doit DB, digests; default .state/)
   KAIROS_OUTPUTS              artifacts directory (default outputs/)
-  KAIROS_VERBOSE=1            print every command run
+  KAIROS_VERBOSE=1 / -v 2     print every command run
 """
 import os
+import sys
 from pathlib import Path
 
 from doit import get_var
@@ -16,6 +17,9 @@ from doit import get_var
 from tasks import graph
 from tasks.stages import (base, carrier, convert, extract, ipxe, iso, manifest, preflight, push, raw, resolve,
                           sbom, scan, sign)
+
+if any(a in ("-v", "--verbosity") or a.startswith(("--verbosity=", "-v")) for a in sys.argv[1:]):
+    os.environ.setdefault("KAIROS_VERBOSE", "1")  # `doit -v 2 ...`: also print every command run
 
 CTX = graph.load(Path(__file__).resolve().parent,
                  get_var("flavors", os.environ.get("KAIROS_FLAVORS")),
