@@ -17,7 +17,7 @@ from doit.reporter import ConsoleReporter
 
 from .config import ConfigError, Flavor, load_flavors
 from .matrix import Build, duplicate_problems, expand, parse_shard, shard
-from .run import KairosError
+from .run import KairosError, UsageError
 from .state import Paths
 
 
@@ -81,6 +81,16 @@ def _guarded(fn, args):
 def action(fn, *args):
     """A doit python-action that turns KairosError into a clean one-message failure."""
     return (_guarded, (fn, args))
+
+
+def _refuse(message: str) -> None:
+    raise UsageError(message)
+
+
+def refused_task(name: str, doc: str, message: str) -> dict:
+    """A subtask that cannot be built: running it fails with ``message`` (exit 2), writes nothing."""
+    return {"name": name, "doc": f"{doc} (cannot be built: see the message)",
+            "actions": [action(_refuse, message)], "verbosity": 2}
 
 
 class Reporter(ConsoleReporter):

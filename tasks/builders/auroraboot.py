@@ -160,38 +160,33 @@ def _run_container(argv: list[str], what: str) -> None:
     run(argv, what=what, show=True)
 
 
-def build_iso(auroraboot_image: str, image: str, out: Path, cloud_config: Path | None = None) -> None:
-    """Run build-iso for ``image`` (a tag in the local daemon) and rename its ISO to ``out``."""
+def _build_one(auroraboot_image: str, out: Path, kind: str, what: str, source: str, make_argv) -> None:
+    """Run AuroraBoot into an empty scratch dir, then rename the one ``kind`` file it wrote to ``out``.
+    ``make_argv(scratch, socket)`` builds the container's argv."""
     out = Path(out)
     socket = daemon_socket()
     ensure_auroraboot(auroraboot_image)
     scratch = _scratch(out)
     try:
-        say(f"    AuroraBoot build-iso {docker_source(image)}")
-        _run_container(iso_argv(auroraboot_image, image, scratch, cloud_config, socket=socket),
-                       f"AuroraBoot build-iso {out.name}")
-        found = pick_output(_listing(scratch), "iso")
+        say(f"    {what} {source}")
+        _run_container(make_argv(scratch, socket), f"{what} {out.name}")
+        found = pick_output(_listing(scratch), kind)
         say(f"    AuroraBoot wrote {found}; renaming to {out.name}")
         _move_into_place(scratch / found, out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def build_iso(auroraboot_image: str, image: str, out: Path, cloud_config: Path | None = None) -> None:
+    """Run build-iso for ``image`` (a tag in the local daemon) and rename its ISO to ``out``."""
+    _build_one(auroraboot_image, out, "iso", "AuroraBoot build-iso", docker_source(image),
+               lambda scratch, socket: iso_argv(auroraboot_image, image, scratch, cloud_config, socket=socket))
 
 
 def build_raw(auroraboot_image: str, image: str, arch: str, out: Path) -> None:
     """Run the raw-disk build for ``image`` and rename its disk image to ``out``."""
-    out = Path(out)
-    socket = daemon_socket()
-    ensure_auroraboot(auroraboot_image)
-    scratch = _scratch(out)
-    try:
-        say(f"    AuroraBoot raw disk ({arch}) {docker_source(image)}")
-        _run_container(raw_argv(auroraboot_image, image, scratch, arch, socket=socket),
-                       f"AuroraBoot raw disk {out.name}")
-        found = pick_output(_listing(scratch), "raw")
-        say(f"    AuroraBoot wrote {found}; renaming to {out.name}")
-        _move_into_place(scratch / found, out)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    _build_one(auroraboot_image, out, "raw", "AuroraBoot raw disk", f"({arch}) {docker_source(image)}",
+               lambda scratch, socket: raw_argv(auroraboot_image, image, scratch, arch, socket=socket))
 
 
 def netboot(auroraboot_image: str, iso: Path, out_dir: Path, stem: str) -> list[Path]:

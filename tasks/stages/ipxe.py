@@ -22,9 +22,9 @@ from pathlib import Path
 from doit.tools import config_changed
 
 from ..builders import native_ipxe
-from ..graph import Context, action
+from ..graph import Context, action, refused_task
 from ..matrix import Build
-from ..run import UsageError, say
+from ..run import say
 from ..state import Paths, atomic_path, clean_partials, partial_name, write_checksum
 from . import extract
 
@@ -126,10 +126,6 @@ def build(paths: Paths, b: Build) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def refuse(message: str) -> None:
-    raise UsageError(message)
-
-
 def tasks(ctx: Context):
     for b in ctx.builds:
         if "ipxe" not in b.kinds:
@@ -137,12 +133,7 @@ def tasks(ctx: Context):
         outs = outputs(ctx.paths, b)
         why = problem(b)
         if why:
-            yield {
-                "name": b.stem,
-                "doc": f"{outs[0].name} and iPXE media (cannot be built: see the message)",
-                "actions": [action(refuse, why)],
-                "verbosity": 2,
-            }
+            yield refused_task(b.stem, f"{outs[0].name} and iPXE media", why)
             continue
         deps = [str(extract.output(ctx.paths, b, s)) + ".sha256" for s in ("-kernel", "-initrd", ".squashfs")]
         # Debian's ipxe.lkrn is small: an ipxe package upgrade rebuilds the media

@@ -19,9 +19,9 @@ from pathlib import Path
 from doit.tools import config_changed
 
 from ..builders import auroraboot, native_raw
-from ..graph import Context, action
+from ..graph import Context, action, refused_task
 from ..matrix import Build
-from ..run import UsageError, run, say
+from ..run import run, say
 from ..state import Paths, atomic_path, clean_partials, partial_name, write_checksum
 from ..tools import docker
 from . import extract
@@ -117,10 +117,6 @@ def build_auroraboot(paths: Paths, b: Build, out: Path) -> None:
     auroraboot.build_raw(b.flavor.auroraboot_image, b.image, b.arch, out)  # writes out + .sha256
 
 
-def refuse(message: str) -> None:
-    raise UsageError(message)
-
-
 def problem(b: Build) -> str | None:
     """Why the raw image of ``b`` cannot be built (pure), or None."""
     if b.flavor.builder == "auroraboot":
@@ -155,12 +151,7 @@ def tasks(ctx: Context):
         out = extract.output(ctx.paths, b, ".img")
         why = problem(b)
         if why:
-            yield {
-                "name": b.stem,
-                "doc": f"{out.name} (cannot be built: see the message)",
-                "actions": [action(refuse, why)],
-                "verbosity": 2,
-            }
+            yield refused_task(b.stem, out.name, why)
             continue
         if b.flavor.builder == "auroraboot":
             deps = [str(image_file(ctx.paths, b)), str(pushed_file(ctx.paths, b))]

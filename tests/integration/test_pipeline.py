@@ -7,20 +7,18 @@ changes an input first checks that the previous state is fully up to date.
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
 import sys
 import zlib
 from pathlib import Path
 
-import docker
 import pytest
 
 from tasks.config import load_flavors
 from tasks.matrix import expand
 from tasks.state import safe_id
 
-from .conftest import REPO, Workspace, copy_flavors, write_flavor
+from .conftest import Workspace, copy_flavors, write_flavor
 
 pytestmark = pytest.mark.integration
 

@@ -78,7 +78,7 @@ def test_plan_text(tmp_path, capsys):
     lines = out.splitlines()
     assert lines[-1] == "6 build(s)"
     assert RPI4_STANDARD in lines
-    assert f"  image     quay.io/kairos/ubuntu:23.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2-k3s1" in lines
+    assert "  image     quay.io/kairos/ubuntu:23.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2-k3s1" in lines
     assert f"  raw       {RPI4_STANDARD}.img" in lines
 
 
