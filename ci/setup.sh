@@ -15,9 +15,23 @@ die() { echo "setup: error: $*" >&2; exit 1; }
 
 APT_PACKAGES=(docker.io docker-registry mmdebstrap squashfs-tools tar curl ca-certificates
   grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools dosfstools e2fsprogs fdisk ipxe
-  qemu-system-x86 qemu-system-arm qemu-efi-aarch64 ovmf qemu-user-static binfmt-support zstd)
+  qemu-system-x86 qemu-system-arm qemu-efi-aarch64 ovmf qemu-user-static binfmt-support zstd shellcheck git)
+docker_ok() {
+  if [ -n "${DOCKER_HOST:-}" ]; then
+    /usr/bin/docker info >/dev/null 2>&1
+  else
+    curl -fsS --max-time 5 --unix-socket /var/run/docker.sock http://localhost/_ping >/dev/null 2>&1
+  fi
+}
+
+if docker_ok && docker buildx version >/dev/null 2>&1; then
+  # an engine already answers and the docker CLI has buildx (e.g. a GitHub runner's
+  # preinstalled Docker): keep those packages; Debian's docker.io would conflict with them
+  APT_PACKAGES=("${APT_PACKAGES[@]/docker.io/}")
+fi
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
+  [ -n "$p" ] || continue
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -33,10 +47,11 @@ if ! "$PY" -c 'import doit, docker, yaml, pytest, hypothesis' 2>/dev/null \
   "$PY" -m pip install -q --disable-pip-version-check -e '.[test,tools]'
 fi
 
-# cosign and grype: go install at pinned versions (into /usr/local/bin)
+# cosign, grype, actionlint: go install at pinned versions (into /usr/local/bin)
 GO_TOOLS=(
   "cosign v2.6.5 github.com/sigstore/cosign/v2/cmd/cosign"
   "grype v0.110.0 github.com/anchore/grype/cmd/grype"  # newer ones need modules the proxy refuses
+  "actionlint v1.7.7 github.com/rhysd/actionlint/cmd/actionlint"  # lints ci/github-actions.yml in the tests
 )
 for entry in "${GO_TOOLS[@]}"; do
   read -r name version module <<<"$entry"
@@ -50,14 +65,6 @@ for entry in "${GO_TOOLS[@]}"; do
     GOBIN=/usr/local/bin GOFLAGS=-mod=mod go install "$module@$version"
   fi
 done
-
-docker_ok() {
-  if [ -n "${DOCKER_HOST:-}" ]; then
-    /usr/bin/docker info >/dev/null 2>&1
-  else
-    curl -fsS --max-time 5 --unix-socket /var/run/docker.sock http://localhost/_ping >/dev/null 2>&1
-  fi
-}
 
 if ! docker_ok; then
   [ -z "${DOCKER_HOST:-}" ] || die "DOCKER_HOST=$DOCKER_HOST does not answer"

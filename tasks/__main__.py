@@ -3,6 +3,7 @@
   plan          print the expanded build matrix: every build's image tag and the file
                 name of every artifact it produces (Kairos naming convention)
   k3s-versions  compute the next three k3s versions of a release (version policy)
+  images        list the Docker image references a state directory records (CI helpers)
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-from . import k3s
-from .config import ARTIFACT_KINDS, ConfigError, load_flavors
+from . import k3s, naming
+from .config import ARTIFACT_KINDS, ConfigError, load_flavors, parse_ref
 from .graph import flavor_sources, select_builds
 from .matrix import Build
+from .state import Paths, read_digest, safe_id
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,13 +79,19 @@ def render_markdown(builds: list[Build]) -> str:
     return "\n".join(out) + "\n"
 
 
-def cmd_plan(args) -> int:
+def selected_builds(args) -> list[Build] | None:
+    """The builds of --flavors/--shard; None after printing config errors."""
     try:
-        flavors = load_flavors(flavor_sources(ROOT, args.flavors))
-        builds = select_builds(flavors, args.shard)
+        return select_builds(load_flavors(flavor_sources(ROOT, args.flavors)), args.shard)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
+        return None
+
+
+def cmd_plan(args) -> int:
+    builds = selected_builds(args)
+    if builds is None:
         return 2
     if args.markdown:
         sys.stdout.write(render_markdown(builds))
@@ -92,6 +100,44 @@ def cmd_plan(args) -> int:
         sys.stdout.write("\n")
     else:
         sys.stdout.write(render_text(builds))
+    return 0
+
+
+def recorded_images(paths: Paths, builds: list[Build]) -> list[str]:
+    """Every image reference of ``builds`` the engine may hold: tags, the image IDs and
+    registry digests the state directory recorded (converted images, bases, kairos-init,
+    `-img` carriers). Contacts nothing."""
+    def pinned(ref: str, kind: str, ident: str) -> list[str]:
+        digest_file = paths.digest_file(kind, ident)
+        return [f"{parse_ref(ref)[0]}@{read_digest(digest_file)}"] if digest_file.exists() else []
+
+    refs: list[str] = []
+    for b in builds:
+        repo = b.image.rpartition(":")[0]
+        refs.append(b.image)
+        for kind in ("image", "pushed"):
+            if paths.digest_file(kind, b.stem).exists():
+                digest = read_digest(paths.digest_file(kind, b.stem))
+                refs.append(digest if kind == "image" else f"{repo}@{digest}")
+        if "raw" in b.kinds:
+            carrier = naming.carrier_tag(b.image)
+            refs.append(carrier)
+            if paths.digest_file("carrier", b.stem).exists():
+                refs.append(f"{carrier.rpartition(':')[0]}@{read_digest(paths.digest_file('carrier', b.stem))}")
+        refs.append(b.base.ref)
+        refs += pinned(b.base.ref, "resolved", b.base.ident)
+        if b.flavor.kairos_init_image:
+            refs.append(b.flavor.kairos_init_image)
+            refs += pinned(b.flavor.kairos_init_image, "resolved", safe_id(b.flavor.kairos_init_image))
+    return list(dict.fromkeys(refs))
+
+
+def cmd_images(args) -> int:
+    builds = selected_builds(args)
+    if builds is None:
+        return 2
+    for ref in recorded_images(Paths.from_env(ROOT), builds):
+        print(ref)
     return 0
 
 
@@ -140,6 +186,17 @@ def parser() -> argparse.ArgumentParser:
     k3s_cmd.add_argument("--available", required=True, metavar="FILE",
                          help="upstream k3s releases: one version per line, or a GitHub releases JSON export")
     k3s_cmd.set_defaults(func=cmd_k3s_versions)
+    images = sub.add_parser(
+        "images", help="list the image references the state directory records",
+        description="Print one Docker image reference per line for the selected builds: image tags, "
+                    "the converted images' IDs, and registry digests recorded in the state directory "
+                    "(KAIROS_STATE, default .state/) for converted images, bases, kairos-init and `-img` "
+                    "carriers. ci/reproduce.sh --fresh-engine removes these from the engine to start "
+                    "like a new CI runner. Contacts nothing.")
+    images.add_argument("--flavors", metavar="PATHS",
+                        help="flavor file or directory (several separated by ':'); default: flavors/")
+    images.add_argument("--shard", metavar="I/N", help="only shard I of N")
+    images.set_defaults(func=cmd_images)
     return p
 
 

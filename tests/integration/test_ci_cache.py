@@ -1,30 +1,56 @@
-"""A CI run reproduced locally: a fresh checkout of the flavors (new mtimes), the
-state and outputs restored from a cache, and a Docker engine that holds none of
-the images involved (converted images, bases, kairos-init) so it could only seed
-from the registry. Nothing is rebuilt or pulled; after one overlay change only
-that flavor's chain runs.
+"""A CI run reproduced locally with ci/reproduce.sh, the way the shipped workflows run a
+job: a fresh clone, the state and outputs restored from a cache directory, and a
+Docker engine that holds none of the images involved (converted images, bases,
+kairos-init stand-in), so it could only seed them from the registry. Nothing is
+rebuilt or pulled; after one committed overlay change only that flavor's chain runs.
 
-(A second, empty dockerd would be the purer fresh daemon, but dockerd with its
-own --bridge deletes the host's docker0 and breaks the machine's engine; so the
-images are removed from the one engine instead.)
+(A second, empty dockerd would be the purer fresh daemon, but dockerd with its own
+--bridge deletes the host's docker0 and breaks the machine's engine; so --fresh-engine
+removes the images from the one engine instead.)
 """
 from __future__ import annotations
 
+import os
 import shutil
-import time
+import subprocess
 
 import pytest
 
-from tasks.config import load_flavors
-from tasks.matrix import expand
-
-from .conftest import Workspace, write_flavor
+from .conftest import REPO, write_flavor
 
 pytestmark = pytest.mark.integration
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "-c", "init.defaultBranch=main"]
+
+
+def source_repo(dest, flavors: dict[str, str]) -> None:
+    """A git repository holding this working tree (committed or not) plus test flavors."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    for rel, text in flavors.items():
+        write_flavor(dest / rel, text)
+    subprocess.run([*GIT, "init", "-q", str(dest)], check=True)
+    commit(dest, "source")
+
+
+def commit(repo, message: str) -> None:
+    subprocess.run([*GIT, "-C", str(repo), "add", "-A"], check=True)
+    subprocess.run([*GIT, "-C", str(repo), "commit", "-q", "-m", message], check=True)
+
+
+def reproduce(*args: str) -> tuple[int, str, set[str]]:
+    proc = subprocess.run(["bash", str(REPO / "ci" / "reproduce.sh"), *args], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=1800, env=dict(os.environ))
+    print(proc.stdout[-6000:], proc.stderr[-3000:])
+    actions = {line.split(None, 1)[1] for line in proc.stdout.splitlines() if line.startswith("reproduce:   ")}
+    return proc.returncode, proc.stdout + proc.stderr, actions
 
 
 def local_images(client, refs: list[str]) -> list[str]:
-    """Which of ``refs`` (tags or repo@digest) the engine has."""
     found = []
     for ref in refs:
         try:
@@ -35,13 +61,14 @@ def local_images(client, refs: list[str]) -> list[str]:
     return found
 
 
-def test_restored_cache_on_an_engine_without_the_images_rebuilds_nothing_then_only_what_changed(
+def test_reproduced_ci_job_rebuilds_nothing_from_a_restored_cache_then_only_what_changed(
         tmp_path_factory, ns, bases, standin, engine):
-    ws = Workspace(root=tmp_path_factory.mktemp("ci"), ns=ns)
+    root = tmp_path_factory.mktemp("ci")
+    src, cache, work = root / "src", root / "cache", root / "work"
+    flavors = {}
     for name in ("a", "b"):
-        (ws.flavors / f"overlay-{name}").mkdir(parents=True)
-        (ws.flavors / f"overlay-{name}" / f"{name}.conf").write_text(f"{name}\n")
-        write_flavor(ws.flavors / f"{name}.yaml", f"""
+        flavors[f"ci-flavors/overlay-{name}/{name}.conf"] = f"{name}\n"
+        flavors[f"ci-flavors/{name}.yaml"] = f"""
             flavor: ci{name}
             release: "1"
             base_image: {bases['b']}
@@ -55,44 +82,43 @@ def test_restored_cache_on_an_engine_without_the_images_rebuilds_nothing_then_on
             artifacts: [squashfs]
             overlay: overlay-{name}
             squashfs: {{compression: lz4}}
-            """)
-    # the CI job that filled the cache, on the machine's daemon
-    first = ws.doit()
-    assert first.rc == 0, first.err
+            """
+    source_repo(src, flavors)
+    common = ["--cache", str(cache), "--work", str(work), "--flavors", "ci-flavors", str(src)]
+    stems = {n: f"kairos-ci{n}-1-core-amd64-generic-v3.1.0" for n in ("a", "b")}
 
-    # cache save, a fresh checkout (same paths, new mtimes), cache restore
-    cache = ws.root / "cache"
-    for d in (ws.state, ws.outputs):
-        shutil.copytree(d, cache / d.name, symlinks=True)
-        shutil.rmtree(d)
-    flavors_copy = ws.root / "checkout"
-    shutil.copytree(ws.flavors, flavors_copy)
-    shutil.rmtree(ws.flavors)
-    time.sleep(1.1)
-    shutil.copytree(flavors_copy, ws.flavors, copy_function=shutil.copy)  # new mtimes, same content
-    for d in (ws.state, ws.outputs):
-        shutil.copytree(cache / d.name, d, symlinks=True)
+    # the CI job that filled the cache
+    rc, out, actions = reproduce(*common)
+    assert rc == 0, out
+    assert {f"convert:{s}" for s in stems.values()} <= actions, actions
+    assert (cache / "state" / "doit.db").is_file() and (cache / "outputs" / "v3.1.0").is_dir()
 
-    # the engine of the next job has none of the images
-    builds = expand(load_flavors([ws.flavors]))
-    refs = [b.image for b in builds] + [bases["b"], standin]
-    refs += [f"{bases['b'].rpartition(':')[0]}@{(ws.state / 'resolved' / f'{b.base.ident}.digest').read_text().strip()}"
-             for b in builds[:1]]
-    ids = [(ws.state / "image" / f"{b.stem}.digest").read_text().strip() for b in builds]
-    for ref in ids + refs:
-        if local_images(engine, [ref]):  # removing one reference may remove the others of that image
-            engine.images.remove(ref, force=True)
-    assert local_images(engine, ids + refs) == []
+    # the next job: fresh clone, cache restored, an engine without any of the images
+    listed = subprocess.run(["python3", "-m", "tasks", "images", "--flavors", "ci-flavors"], cwd=src,
+                            env=dict(os.environ, KAIROS_STATE=str(cache / "state")),
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert f"{ns}/kairos/cia:1-core-amd64-generic-v3.1.0" in listed and bases["b"] in listed and standin in listed
+    rc, out, actions = reproduce("--fresh-engine", *common)
+    assert rc == 0, out
+    assert "fresh engine: removed" in out and "removed 0 " not in out, out
+    assert "reproduce: build actions: 0" in out and actions == set(), actions
+    assert local_images(engine, listed) == []  # nothing was pulled or built
 
-    again = ws.doit()
-    assert again.rc == 0, again.err
-    assert again.build_actions == set(), again.build_actions
-    assert local_images(engine, ids + refs) == []  # nothing was pulled or built
+    # one committed overlay change: that build's chain only
+    (src / "ci-flavors" / "overlay-a" / "a.conf").write_text("a changed\n")
+    commit(src, "change overlay a")
+    rc, out, actions = reproduce("--fresh-engine", *common)
+    assert rc == 0, out
+    assert actions == {f"convert:{stems['a']}", f"push:{stems['a']}", f"squashfs:{stems['a']}",
+                       "manifest:v3.1.0"}, actions
+    assert local_images(engine, [f"{ns}/kairos/cia:1-core-amd64-generic-v3.1.0"])  # rebuilt, seeded from the registry
 
-    (ws.flavors / "overlay-a" / "a.conf").write_text("a changed\n")
-    changed = ws.doit()
-    assert changed.rc == 0, changed.err
-    (a,) = [b for b in builds if b.flavor.flavor == "cia"]
-    assert changed.build_actions == {f"convert:{a.stem}", f"push:{a.stem}", f"squashfs:{a.stem}",
-                                     "manifest:v3.1.0"}
-    assert local_images(engine, [a.image]) == [a.image]  # rebuilt from what the registry seeded
+
+def test_reproduce_script_explains_itself_and_refuses_bad_use(tmp_path):
+    helped = subprocess.run(["bash", str(REPO / "ci" / "reproduce.sh"), "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "--fresh-engine" in helped.stdout and "--cache DIR" in helped.stdout
+    missing = subprocess.run(["bash", str(REPO / "ci" / "reproduce.sh")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "--cache DIR is required" in missing.stderr
+    bad = subprocess.run(["bash", str(REPO / "ci" / "reproduce.sh"), "--cache", str(tmp_path), "--nope"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown option --nope" in bad.stderr
