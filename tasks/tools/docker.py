@@ -36,7 +36,8 @@ def client():
     if docker is None:
         raise UsageError("cannot import the Python package docker; run: pip install docker")
     try:
-        c = docker.from_env(timeout=600)
+        # ssh:// engines go through the ssh binary (like the docker CLI), not paramiko
+        c = docker.from_env(timeout=600, use_ssh_client=daemon_address().startswith("ssh://"))
         c.ping()
     except Exception as exc:  # noqa: BLE001 - any failure means the same thing here
         raise UsageError(

@@ -49,6 +49,12 @@ fi
 """
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that stop the machine's dockerd run last, so an engine that comes back slowly
+    (or not at all) cannot take the other tests down with it."""
+    items.sort(key=lambda item: item.get_closest_marker("stops_engine") is not None)
+
+
 @dataclass
 class Result:
     rc: int

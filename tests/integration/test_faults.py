@@ -1,8 +1,9 @@
-"""Faults: doit SIGKILLed in the middle of squashfs, ISO and signing; targets
+"""Faults: doit SIGKILLed in the middle of squashfs, ISO, raw image and signing; targets
 deleted or truncated by hand; an outputs filesystem that is full. A killed step
 never leaves a file under its final name, and the next run completes it."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -37,7 +38,8 @@ def fws(tmp_path_factory, ns, bases):
         converter: builtin
         builtin: {{initramfs_modules: list}}
         registry: {ns}/kairos
-        artifacts: [kernel, initrd, squashfs, iso, sign]
+        artifacts: [kernel, initrd, squashfs, iso, raw, sign]
+        raw_generic: true
         squashfs: {{compression: gzip}}
         sign: {{key: keys/cosign.key}}
         """)
@@ -105,6 +107,22 @@ def test_sigkill_mid_iso(fws):
     digest, fname = out(ws, name + ".sha256").read_text().split()
     assert fname == name and subprocess.run(["sha256sum", "-c", name + ".sha256"], cwd=out(ws, ""),
                                             capture_output=True).returncode == 0
+
+
+def test_sigkill_mid_raw_image(fws):
+    ws, b, _ = fws
+    name = f"{b.stem}.img"
+    assert ws.doit(f"squashfs:{b.stem}", f"initrd:{b.stem}", f"kernel:{b.stem}").rc == 0
+    kill_during(ws, f"raw:{b.stem}", name)
+    assert not out(ws, name).exists() and not out(ws, name + ".sha256").exists()
+    result = ws.doit(f"raw:{b.stem}")
+    assert result.rc == 0, result.err
+    assert f"raw:{b.stem}" in result.executed
+    assert partials(ws) == []
+    table = subprocess.run(["sfdisk", "-J", str(out(ws, name))], capture_output=True, text=True)
+    assert table.returncode == 0 and json.loads(table.stdout)["partitiontable"]["label"] == "dos", table.stderr
+    assert subprocess.run(["sha256sum", "-c", name + ".sha256"], cwd=out(ws, ""),
+                          capture_output=True).returncode == 0
 
 
 def test_sigkill_mid_signing(fws):
