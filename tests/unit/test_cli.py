@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tasks.__main__ import main
+from tasks.config import parse_ref
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -180,3 +181,28 @@ def test_plan_markdown_support_matrix_of_the_shipped_flavors(capsys):
     assert "`quay.io/kairos/ubuntu:24.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2-k3s1` | " in page
     assert "`kairos-ubuntu-24.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2+k3s1.img`" in page
     assert "amd64-rpi4" not in page
+
+
+def test_images_lists_tags_and_the_digests_the_state_recorded(tmp_path, monkeypatch, capsys):
+    flavors = write(tmp_path / "flavors", "u.yaml", FLAVOR)
+    state = tmp_path / "state"
+    stem = RPI4_STANDARD
+    for kind, ident, value in [("image", stem, "sha256:" + "1" * 64), ("pushed", stem, "sha256:" + "2" * 64),
+                               ("carrier", stem, "sha256:" + "3" * 64),
+                               ("resolved", "ubuntu-23.04", "sha256:" + "4" * 64)]:
+        (state / kind).mkdir(parents=True, exist_ok=True)
+        (state / kind / f"{ident}.digest").write_text(value + "\n")
+    monkeypatch.setenv("KAIROS_STATE", str(state))
+    assert main(["images", "--flavors", str(flavors)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    tag = "quay.io/kairos/ubuntu:23.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2-k3s1"
+    assert tag in lines and "sha256:" + "1" * 64 in lines
+    assert "quay.io/kairos/ubuntu@sha256:" + "2" * 64 in lines
+    assert f"{tag}-img" in lines and "quay.io/kairos/ubuntu@sha256:" + "3" * 64 in lines
+    assert len(lines) == len(set(lines))  # each once
+    assert "ubuntu:23.04" in lines and "quay.io/kairos/kairos-init:v4.3.0" in lines
+    assert f"{parse_ref('ubuntu:23.04')[0]}@sha256:" + "4" * 64 in lines
+    # the other builds have no recorded digests: their tags only, and no carrier (no raw)
+    assert "quay.io/kairos/ubuntu:23.04-core-amd64-generic-v3.1.0" in lines
+    assert "quay.io/kairos/ubuntu:23.04-core-amd64-generic-v3.1.0-img" not in lines
+    assert sum(l.startswith("sha256:") for l in lines) == 1
