@@ -7,6 +7,7 @@ Each also writes `<file>.sha256`. Outputs are renamed into place when complete.
 """
 from __future__ import annotations
 
+import hashlib
 import posixpath
 import re
 import shutil
@@ -77,9 +78,14 @@ def _boot_entries(tar: tarfile.TarFile) -> dict[str, tuple[str, str]]:
     return entries
 
 
+def container_owner(paths: Paths, b: Build, purpose: str) -> str:
+    """Label value of the extraction containers of one build and purpose in one state dir."""
+    return f"{purpose}:{b.stem}:{hashlib.sha256(str(paths.state).encode()).hexdigest()[:12]}"
+
+
 def extract_boot_file(paths: Paths, b: Build, kind: str, out: Path) -> None:
     image = ensure_image(paths, b)
-    container = docker.client().containers.create(image, command=["/kairos-extract"])
+    container = docker.extract_container(image, container_owner(paths, b, kind))
     tmp_tar = partial_name(paths.tmp_dir() / f"{b.stem}-boot.tar")
     tmp_tar.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -122,7 +128,7 @@ def squashfs(paths: Paths, b: Build, out: Path) -> None:
     rootfs = partial_name(paths.tmp_dir() / f"{b.stem}-rootfs")
     clean_partials(paths.tmp_dir() / f"{b.stem}-rootfs")
     rootfs.mkdir(parents=True)
-    container = docker.client().containers.create(image, command=["/kairos-extract"])
+    container = docker.extract_container(image, container_owner(paths, b, "squashfs"))
     try:
         say(f"    exporting the root filesystem of {b.image}")
         run(["tar", "-x", "--numeric-owner", "-p", "-C", str(rootfs), "-f", "-"],

@@ -165,6 +165,19 @@ def push(tag: str) -> str:
     return digest
 
 
+EXTRACT_LABEL = "io.kairos-doit.extract"
+
+
+def extract_container(image: str, owner: str):
+    """A created, never started container of ``image`` to copy files out of, labelled with
+    ``owner`` (unique per state directory, build and purpose). Containers an earlier run
+    left under the same owner (it was killed before it could remove them) go first."""
+    c = client()
+    for stale in c.containers.list(all=True, filters={"label": f"{EXTRACT_LABEL}={owner}"}):
+        stale.remove(force=True)
+    return c.containers.create(image, command=["/kairos-extract"], labels={EXTRACT_LABEL: owner})
+
+
 def tag(image: str, ref: str) -> None:
     repo, _, name = ref.rpartition(":")
     if not client().images.get(image).tag(repo, name):

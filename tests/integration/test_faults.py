@@ -15,6 +15,9 @@ import pytest
 
 from tasks.config import load_flavors
 from tasks.matrix import expand
+from tasks.stages import extract
+from tasks.state import Paths
+from tasks.tools import docker as docker_tools
 
 from .conftest import REPO, Workspace, write_flavor
 from .test_supply_chain import PASSWORD, cosign_keys
@@ -81,16 +84,23 @@ def kill_during(ws: Workspace, task: str, partial_prefix: str, env: dict | None 
         proc.wait()
 
 
-def test_sigkill_mid_squashfs_leaves_no_final_file_and_next_run_completes(fws):
+def extract_containers(engine, ws: Workspace, b) -> list:
+    owner = extract.container_owner(Paths(ws.state, ws.outputs), b, "squashfs")
+    return engine.containers.list(all=True, filters={"label": f"{docker_tools.EXTRACT_LABEL}={owner}"})
+
+
+def test_sigkill_mid_squashfs_leaves_no_final_file_and_next_run_completes(fws, engine):
     ws, b, _ = fws
     name = f"{b.stem}.squashfs"
     kill_during(ws, f"squashfs:{b.stem}", name)
     assert not out(ws, name).exists() and not out(ws, name + ".sha256").exists()
     assert any(p.startswith(f".{name}.partial-") for p in partials(ws))
+    assert len(extract_containers(engine, ws, b)) == 1  # the killed run could not remove it
     result = ws.doit(f"squashfs:{b.stem}")
     assert result.rc == 0, result.err
     assert f"squashfs:{b.stem}" in result.executed
     assert partials(ws) == []
+    assert extract_containers(engine, ws, b) == []  # the next run removed the leftover
     check = subprocess.run(["unsquashfs", "-s", str(out(ws, name))], capture_output=True, text=True)
     assert check.returncode == 0 and "Filesystem size" in check.stdout
 
