@@ -508,6 +508,12 @@ def bench_parallel(space: Space, a: Build, b: Build, repeat: int) -> Row:
 
 # by hand: the same tool commands the stages run, from the same pure argv builders
 
+def durable(path: Path) -> None:
+    """`sync FILE` (fsync): the stages fsync every artifact before renaming it into place, so a
+    machine crash never leaves a final name with unwritten data; by hand does the same."""
+    sh(["sync", str(path)])
+
+
 def checksum_argv(path: Path) -> list[str]:
     """SHA-256 by hand with OpenSSL, the implementation the stages use through Python's hashlib
     (coreutils' sha256sum on Debian 12 has no SHA-NI code and is ~4x slower here)."""
@@ -531,6 +537,7 @@ def by_hand_squashfs(paths: Paths, b: Build, work: Path) -> None:
     (rootfs / ".dockerenv").unlink(missing_ok=True)
     out = work / "by-hand.squashfs"
     sh(extract.mksquashfs_argv(rootfs, out, b.flavor.squashfs, b.arch))
+    durable(out)
     sh(checksum_argv(out))
 
 
@@ -541,6 +548,7 @@ def by_hand_iso(paths: Paths, b: Build, work: Path) -> None:
     cfg.write_text(native_iso.grub_cfg(iso.title(b), native_iso.kernel_cmdline()))
     out = work / "by-hand.iso"
     sh(native_iso.mkrescue_argv(out, cfg, kernel, initrd, squashfs))
+    durable(out)
     sh(checksum_argv(out))
 
 
@@ -572,6 +580,7 @@ def by_hand_raw(paths: Paths, b: Build, work: Path) -> None:
     for p in plan.partitions:
         sh(["dd", f"if={fs[p.label]}", f"of={disk}", "bs=1M", f"seek={p.start // native_raw.MIB}",
             "conv=notrunc,sparse", "status=none"])
+    durable(disk)
     sh(checksum_argv(disk))
 
 
@@ -599,9 +608,9 @@ def by_hand_fat(work: Path, boot: dict[str, Path], size: int, volume_id: str) ->
 
 
 STAGES = {  # name -> (artifact suffix, by-hand function, what by hand is)
-    "squashfs": (".squashfs", by_hand_squashfs, "docker export | tar -x, mksquashfs, sha256"),
-    "iso": (".iso", by_hand_iso, "grub-mkrescue, sha256"),
-    "raw": (".img", by_hand_raw, "grub-mkstandalone, mkfs.vfat+mtools, mkfs.ext4 -d x4, sfdisk, dd, sha256"),
+    "squashfs": (".squashfs", by_hand_squashfs, "docker export | tar -x, mksquashfs, sync, sha256"),
+    "iso": (".iso", by_hand_iso, "grub-mkrescue, sync, sha256"),
+    "raw": (".img", by_hand_raw, "grub-mkstandalone, mkfs.vfat+mtools, mkfs.ext4 -d x4, sfdisk, dd, sync, sha256"),
 }
 
 
