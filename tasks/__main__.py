@@ -159,6 +159,13 @@ def cmd_k3s_versions(args) -> int:
     return 0
 
 
+def add_selection(command: argparse.ArgumentParser) -> None:
+    """--flavors and --shard: which builds a command works on (see selected_builds)."""
+    command.add_argument("--flavors", metavar="PATHS",
+                         help="flavor file or directory (several separated by ':'); default: flavors/")
+    command.add_argument("--shard", metavar="I/N", help="only shard I of N (round robin over sorted stems)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tasks",
@@ -168,9 +175,7 @@ def parser() -> argparse.ArgumentParser:
         "plan", help="print the expanded build matrix and artifact names",
         description="Expand the flavor files into builds and print, for each, its image tag and the "
                     "file name of every artifact, named by the Kairos convention. Contacts nothing.")
-    plan.add_argument("--flavors", metavar="PATHS",
-                      help="flavor file or directory (several separated by ':'); default: flavors/")
-    plan.add_argument("--shard", metavar="I/N", help="only shard I of N (round robin over sorted stems)")
+    add_selection(plan)
     form = plan.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true", help="machine-readable output")
     form.add_argument("--markdown", action="store_true",
@@ -193,9 +198,7 @@ def parser() -> argparse.ArgumentParser:
                     "(KAIROS_STATE, default .state/) for converted images, bases, kairos-init and `-img` "
                     "carriers. ci/reproduce.sh --fresh-engine removes these from the engine to start "
                     "like a new CI runner. Contacts nothing.")
-    images.add_argument("--flavors", metavar="PATHS",
-                        help="flavor file or directory (several separated by ':'); default: flavors/")
-    images.add_argument("--shard", metavar="I/N", help="only shard I of N")
+    add_selection(images)
     images.set_defaults(func=cmd_images)
     return p
 
