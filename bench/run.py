@@ -48,7 +48,6 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -59,6 +58,8 @@ from tasks.matrix import Build, expand  # noqa: E402
 from tasks.stages import extract, iso  # noqa: E402
 from tasks.stages.convert import image_file  # noqa: E402
 from tasks.state import Paths, read_digest  # noqa: E402
+from tests.integration.conftest import (  # noqa: E402  the tests' flavor builders and stand-in
+    LZ4, STANDIN_SCRIPT, builtin_doc, drop_namespace, flavor_text, standin_doc)
 
 DEFAULT_DIR = Path("/var/tmp/kairos-bench-matrix")
 DEFAULT_NS = "127.0.0.1:5000/bench"
@@ -195,7 +196,6 @@ def push_rootfs(ref: str, rootfs: bytes) -> None:
 
 def push_standin(ref: str) -> None:
     """The kairos-init STAND-IN of the integration tests (records flags; not kairos-init)."""
-    from tests.integration.conftest import STANDIN_SCRIPT
     build_and_push(ref, {"kairos-init": STANDIN_SCRIPT.encode()}, {"kairos-init": 0o755},
                    "FROM scratch\nCOPY kairos-init /kairos-init\n")
 
@@ -323,13 +323,6 @@ def write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
-def flavor_doc(name: str, release: str, base: str, registry: str, **extra) -> dict:
-    doc = {"flavor": name, "release": release, "base_image": base, "version": VERSION, "variants": ["core"],
-           "arches": ["amd64"], "devices": ["generic"], "registry": f"{registry}/kairos"}
-    doc.update(extra)
-    return doc
-
-
 def matrix_sizes(builds: int) -> list[int]:
     """Builds per flavor file: a one-build probe flavor first (the selective row changes its
     overlay, which touches that build only), then flavors of core + 3 standard builds."""
@@ -349,13 +342,12 @@ def write_matrix(flavors: Path, builds: int, images: Images, registry: str) -> N
     for i, size in enumerate(matrix_sizes(builds)):
         name = PROBE if i == 0 else f"benchm{i:02d}"
         k3s = list(K3S[:size - 1])
-        doc = flavor_doc(name, "1", base, registry, converter="kairos-init",
-                         kairos_init_image=standin, artifacts=["squashfs"],
-                         squashfs={"compression": "lz4"}, overlay=f"overlay-{name}",
-                         variants=["core", "standard"] if k3s else ["core"], **({"k3s_versions": k3s} if k3s else {}))
+        doc = standin_doc(name, base, standin, f"{registry}/kairos", ["squashfs"], squashfs=LZ4,
+                          overlay=f"overlay-{name}", variants=["core", "standard"] if k3s else ["core"],
+                          **({"k3s_versions": k3s} if k3s else {}))
         conf = PROBE_FILE.name if i == 0 else f"{name}.conf"
         write_if_changed(flavors / f"overlay-{name}" / "etc" / "bench" / conf, f"flavor {name}\n")
-        write_if_changed(flavors / f"{name}.yaml", yaml.safe_dump(doc, sort_keys=False))
+        write_if_changed(flavors / f"{name}.yaml", flavor_text(doc))
         wanted |= {f"{name}.yaml", f"overlay-{name}"}
     for stale in flavors.iterdir():
         if stale.name not in wanted:
@@ -373,14 +365,12 @@ def write_real(flavors: Path, images: Images, registry: str) -> None:
     when BuildKit's cache holds the same conversion made elsewhere; B's is then a cache hit of A's."""
     if not (flavors / REAL_ID).exists():
         write_if_changed(flavors / REAL_ID, f"{os.urandom(8).hex()}\n")
-    common = dict(converter="builtin", builtin={"initramfs_modules": "list"}, overlay=str(REAL_ID.parts[0]))
-    base = images.real_base()
-    a = flavor_doc(REAL_A, "12", base, registry, artifacts=["kernel", "initrd", "squashfs", "iso", "raw"],
-                   raw_generic=True, **common)
-    b = flavor_doc(REAL_B, "12", base, registry, artifacts=["kernel", "initrd", "squashfs", "iso"],
-                   **common)
+    base, registry, overlay = images.real_base(), f"{registry}/kairos", str(REAL_ID.parts[0])
+    a = builtin_doc(REAL_A, base, registry, ["kernel", "initrd", "squashfs", "iso", "raw"], raw_generic=True,
+                    overlay=overlay)
+    b = builtin_doc(REAL_B, base, registry, ["kernel", "initrd", "squashfs", "iso"], overlay=overlay)
     for doc in (a, b):
-        write_if_changed(flavors / f"{doc['flavor']}.yaml", yaml.safe_dump(doc, sort_keys=False))
+        write_if_changed(flavors / f"{doc['flavor']}.yaml", flavor_text(doc))
 
 
 def real_builds(space: Space) -> tuple[Build, Build]:
@@ -722,7 +712,6 @@ def machine() -> str:
 def clean(root: Path, ns: str) -> None:
     """Remove the bench dir, the namespace's images from the engine (tagged or only pushed) and
     its manifests from the registry."""
-    from tests.integration.conftest import drop_namespace
     client = engine()
     drop_namespace(client, ns)
     for image in client.images.list():

@@ -23,6 +23,7 @@ from pathlib import Path
 import docker
 import docker.errors
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 REGISTRY = "127.0.0.1:5000"
@@ -225,9 +226,37 @@ def standin(engine, ns) -> str:
     return ref
 
 
-def write_flavor(path: Path, text: str) -> None:
+LZ4 = {"compression": "lz4"}  # squashfs options: fast, for test builds
+
+
+def flavor_doc(flavor: str, release: str, base, registry: str, **more) -> dict:
+    """A flavor file's mapping for one build (core, amd64, generic, v3.1.0); ``more`` adds
+    keys or overrides these."""
+    return {"flavor": flavor, "release": release, "base_image": base, "version": "v3.1.0",
+            "variants": ["core"], "arches": ["amd64"], "devices": ["generic"], "registry": registry, **more}
+
+
+def builtin_doc(flavor: str, base, registry: str, artifacts: list[str], release: str = "12", **more) -> dict:
+    """A flavor (Debian 12 unless ``release``) on the builtin converter with a small initramfs
+    (MODULES=list)."""
+    return flavor_doc(flavor, release, base, registry, **{
+        "converter": "builtin", "builtin": {"initramfs_modules": "list"}, "artifacts": artifacts, **more})
+
+
+def standin_doc(flavor: str, base: str, standin: str, registry: str, artifacts: list[str], **more) -> dict:
+    """A flavor converted by the kairos-init STAND-IN image."""
+    return flavor_doc(flavor, "1", base, registry, **{
+        "converter": "kairos-init", "kairos_init_image": standin, "artifacts": artifacts, **more})
+
+
+def flavor_text(doc: dict) -> str:
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def write_flavor(path: Path, flavor: str | dict) -> None:
+    """Write a flavor file from YAML text or a mapping (flavor_doc and friends)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text).lstrip())
+    path.write_text(flavor_text(flavor) if isinstance(flavor, dict) else textwrap.dedent(flavor).lstrip())
 
 
 @pytest.fixture(scope="session")
@@ -239,52 +268,14 @@ def workspace(tmp_path_factory, ns, bases, standin) -> Workspace:
     for name in ("a", "b"):
         (root / "flavors" / f"overlay-{name}" / "etc").mkdir(parents=True)
         (root / "flavors" / f"overlay-{name}" / "etc" / f"overlay-{name}.conf").write_text(f"flavor {name}\n")
-    write_flavor(ws.flavors / "a.yaml", f"""
-        flavor: standina
-        release: "1"
-        base_image: {bases['a']}
-        version: v3.1.0
-        variants: [core, standard]
-        k3s_versions: [v1.28.2+k3s1]
-        arches: [amd64]
-        devices: [generic]
-        converter: kairos-init
-        kairos_init_image: {standin}
-        registry: {ns}/kairos
-        artifacts: [squashfs]
-        overlay: overlay-a
-        squashfs: {{compression: lz4}}
-        """)
-    write_flavor(ws.flavors / "b.yaml", f"""
-        flavor: standinb
-        release: "1"
-        base_image: {bases['b']}
-        version: v3.1.0
-        variants: [core]
-        arches: [amd64]
-        devices: [generic]
-        converter: kairos-init
-        kairos_init_image: {standin}
-        registry: {ns}/kairos
-        artifacts: [squashfs]
-        overlay: overlay-b
-        squashfs: {{compression: lz4}}
-        """)
-    write_flavor(ws.flavors / "c.yaml", f"""
-        flavor: debian
-        release: "12"
-        base_image:
-          mmdebstrap: {{suite: bookworm}}
-        version: v3.1.0
-        variants: [core]
-        arches: [amd64]
-        devices: [generic]
-        converter: builtin
-        builtin: {{initramfs_modules: list}}
-        registry: {ns}/kairos
-        artifacts: [kernel, initrd, squashfs]
-        squashfs: {{compression: lz4}}
-        """)
+    registry = f"{ns}/kairos"
+    write_flavor(ws.flavors / "a.yaml", standin_doc(
+        "standina", bases["a"], standin, registry, ["squashfs"], variants=["core", "standard"],
+        k3s_versions=["v1.28.2+k3s1"], overlay="overlay-a", squashfs=LZ4))
+    write_flavor(ws.flavors / "b.yaml", standin_doc(
+        "standinb", bases["b"], standin, registry, ["squashfs"], overlay="overlay-b", squashfs=LZ4))
+    write_flavor(ws.flavors / "c.yaml", builtin_doc(
+        "debian", {"mmdebstrap": {"suite": "bookworm"}}, registry, ["kernel", "initrd", "squashfs"], squashfs=LZ4))
     return ws
 
 

@@ -16,14 +16,15 @@ import subprocess
 
 import pytest
 
-from .conftest import REPO, write_flavor
+from .conftest import LZ4, REPO, standin_doc, write_flavor
 
 pytestmark = pytest.mark.integration
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "-c", "init.defaultBranch=main"]
 
 
-def source_repo(dest, flavors: dict[str, str]) -> None:
-    """A git repository holding this working tree (committed or not) plus test flavors."""
+def source_repo(dest, flavors: dict[str, str | dict]) -> None:
+    """A git repository holding this working tree (committed or not) plus test files
+    (flavor mappings or text)."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                             cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
     for rel in filter(None, listed):
@@ -68,21 +69,8 @@ def test_reproduced_ci_job_rebuilds_nothing_from_a_restored_cache_then_only_what
     flavors = {}
     for name in ("a", "b"):
         flavors[f"ci-flavors/overlay-{name}/{name}.conf"] = f"{name}\n"
-        flavors[f"ci-flavors/{name}.yaml"] = f"""
-            flavor: ci{name}
-            release: "1"
-            base_image: {bases['b']}
-            version: v3.1.0
-            variants: [core]
-            arches: [amd64]
-            devices: [generic]
-            converter: kairos-init
-            kairos_init_image: {standin}
-            registry: {ns}/kairos
-            artifacts: [squashfs]
-            overlay: overlay-{name}
-            squashfs: {{compression: lz4}}
-            """
+        flavors[f"ci-flavors/{name}.yaml"] = standin_doc(f"ci{name}", bases["b"], standin, f"{ns}/kairos",
+                                                         ["squashfs"], overlay=f"overlay-{name}", squashfs=LZ4)
     source_repo(src, flavors)
     common = ["--cache", str(cache), "--work", str(work), "--flavors", "ci-flavors", str(src)]
     stems = {n: f"kairos-ci{n}-1-core-amd64-generic-v3.1.0" for n in ("a", "b")}

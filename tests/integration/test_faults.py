@@ -19,7 +19,7 @@ from tasks.stages import extract
 from tasks.state import Paths
 from tasks.tools import docker as docker_tools
 
-from .conftest import REPO, Workspace, write_flavor
+from .conftest import REPO, Workspace, builtin_doc, write_flavor
 from .test_supply_chain import PASSWORD, cosign_keys
 
 pytestmark = pytest.mark.integration
@@ -30,22 +30,9 @@ KILL_TIMEOUT = 600
 def fws(tmp_path_factory, ns, bases):
     ws = Workspace(root=tmp_path_factory.mktemp("faults"), ns=ns)
     cosign_keys(ws.flavors / "keys", PASSWORD)
-    write_flavor(ws.flavors / "faults.yaml", f"""
-        flavor: debian
-        release: "12"
-        base_image: {bases['b']}
-        version: v3.1.0
-        variants: [core]
-        arches: [amd64]
-        devices: [generic]
-        converter: builtin
-        builtin: {{initramfs_modules: list}}
-        registry: {ns}/kairos
-        artifacts: [kernel, initrd, squashfs, iso, raw, sign]
-        raw_generic: true
-        squashfs: {{compression: gzip}}
-        sign: {{key: keys/cosign.key}}
-        """)
+    write_flavor(ws.flavors / "faults.yaml", builtin_doc(
+        "debian", bases["b"], f"{ns}/kairos", ["kernel", "initrd", "squashfs", "iso", "raw", "sign"],
+        raw_generic=True, squashfs={"compression": "gzip"}, sign={"key": "keys/cosign.key"}))
     (b,) = expand(load_flavors([ws.flavors]))
     result = ws.doit(f"push:{b.stem}")
     assert result.rc == 0, result.err

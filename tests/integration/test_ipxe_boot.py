@@ -20,7 +20,7 @@ import pytest
 from tasks.config import load_flavors
 from tasks.matrix import expand
 
-from .conftest import Workspace, write_flavor
+from .conftest import LZ4, Workspace, builtin_doc, write_flavor
 
 pytestmark = pytest.mark.integration
 
@@ -69,21 +69,9 @@ def netboot(tmp_path_factory, ns, bases):
     ws = Workspace(root=root, ns=ns)
     served = ws.outputs / "v3.1.0"
     server = Server(served)  # bound first: its port goes into netboot_url
-    write_flavor(ws.flavors / "netboot.yaml", f"""
-        flavor: debian
-        release: "12"
-        base_image: {bases['b']}
-        version: v3.1.0
-        variants: [core]
-        arches: [amd64]
-        devices: [generic]
-        converter: builtin
-        builtin: {{initramfs_modules: list}}
-        registry: {ns}/kairos
-        artifacts: [kernel, initrd, squashfs, ipxe]
-        squashfs: {{compression: lz4}}
-        netboot_url: http://10.0.2.2:{server.port}
-        """)
+    write_flavor(ws.flavors / "netboot.yaml", builtin_doc(
+        "debian", bases["b"], f"{ns}/kairos", ["kernel", "initrd", "squashfs", "ipxe"], squashfs=LZ4,
+        netboot_url=f"http://10.0.2.2:{server.port}"))
     (b,) = expand(load_flavors([ws.flavors]))
     started = time.monotonic()
     result = ws.doit(f"ipxe:{b.stem}")

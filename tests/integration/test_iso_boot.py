@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Workspace, write_flavor
+from .conftest import LZ4, Workspace, builtin_doc, write_flavor
 
 pytestmark = pytest.mark.integration
 
@@ -33,37 +33,13 @@ OVMF_PAIRS = [("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.
 @pytest.fixture(scope="module")
 def iso_ws(tmp_path_factory, ns, bases) -> Workspace:
     ws = Workspace(root=tmp_path_factory.mktemp("iso"), ns=ns)
-    write_flavor(ws.flavors / "debian-iso.yaml", f"""
-        flavor: debian
-        release: "12"
-        base_image: {bases['b']}
-        version: v3.1.0
-        variants: [core]
-        arches: [amd64]
-        devices: [generic]
-        converter: builtin
-        builtin: {{initramfs_modules: list}}
-        registry: {ns}/kairos
-        artifacts: [kernel, initrd, squashfs, iso]
-        squashfs: {{compression: lz4}}
-        """)
+    write_flavor(ws.flavors / "debian-iso.yaml", builtin_doc(
+        "debian", bases["b"], f"{ns}/kairos", ["kernel", "initrd", "squashfs", "iso"], squashfs=LZ4))
     # the same image through the AuroraBoot back end, with an AuroraBoot image that does not
     # exist in the local registry: the runtime path must fail with a clear pull error
-    write_flavor(ws.flavors / "debian-ab.yaml", f"""
-        flavor: debianab
-        release: "12"
-        base_image: {bases['b']}
-        version: v3.1.0
-        variants: [core]
-        arches: [amd64]
-        devices: [generic]
-        converter: builtin
-        builtin: {{initramfs_modules: list}}
-        registry: {ns}/kairos
-        artifacts: [iso]
-        builder: auroraboot
-        auroraboot_image: {ns}/no-such-auroraboot:v0
-        """)
+    write_flavor(ws.flavors / "debian-ab.yaml", builtin_doc(
+        "debianab", bases["b"], f"{ns}/kairos", ["iso"], builder="auroraboot",
+        auroraboot_image=f"{ns}/no-such-auroraboot:v0"))
     return ws
 
 

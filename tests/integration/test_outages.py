@@ -23,7 +23,7 @@ import pytest
 from tasks.config import load_flavors
 from tasks.matrix import expand
 
-from .conftest import REPO, Result, Workspace, write_flavor
+from .conftest import LZ4, REPO, Result, Workspace, standin_doc, write_flavor
 
 pytestmark = pytest.mark.integration
 SPARE = "127.0.0.1:5001"
@@ -106,21 +106,8 @@ def standin_flavor(ws: Workspace, name: str, base: str, standin: str, registry: 
     (overlay / "id").write_text(uuid.uuid4().hex + "\n")  # a conversion no cache has seen
     if overlay_mib:
         (overlay / "payload.bin").write_bytes(os.urandom(overlay_mib << 20))
-    write_flavor(ws.flavors / f"{name}.yaml", f"""
-        flavor: {name}
-        release: "1"
-        base_image: {base}
-        version: v3.1.0
-        variants: [core]
-        arches: [amd64]
-        devices: [generic]
-        converter: kairos-init
-        kairos_init_image: {standin}
-        registry: {registry}
-        artifacts: [squashfs]
-        overlay: overlay-{name}
-        squashfs: {{compression: lz4}}
-        """)
+    write_flavor(ws.flavors / f"{name}.yaml", standin_doc(name, base, standin, registry, ["squashfs"],
+                                                          overlay=f"overlay-{name}", squashfs=LZ4))
 
 
 def leftovers(ws: Workspace) -> list[str]:

@@ -30,7 +30,7 @@ from tasks.builders import native_raw as n
 from tasks.config import load_flavors
 from tasks.matrix import expand
 
-from .conftest import Workspace, write_flavor
+from .conftest import LZ4, Workspace, builtin_doc, write_flavor
 
 pytestmark = pytest.mark.integration
 
@@ -81,37 +81,13 @@ def rpi(private_tmp, ns, bases):
     overlay = ws.flavors / "overlay-rpi" / "etc" / "kairos-raw-test.conf"
     overlay.parent.mkdir(parents=True)
     overlay.write_text("rpi4 overlay v1\n")
-    write_flavor(ws.flavors / "rpi.yaml", f"""
-        flavor: debian
-        release: "12"
-        base_image:
-          mmdebstrap: {{suite: bookworm, components: [main, non-free-firmware]}}
-        version: v3.1.0
-        variants: [core]
-        arches: [arm64]
-        devices: [rpi4]
-        converter: builtin
-        builtin: {{initramfs_modules: list}}
-        registry: {ns}/kairos
-        artifacts: [kernel, initrd, squashfs, raw]
-        overlay: overlay-rpi
-        squashfs: {{compression: lz4}}
-        """)
-    write_flavor(ws.flavors / "other.yaml", f"""
-        flavor: other
-        release: "1"
-        base_image: {bases['b']}
-        version: v3.1.0
-        variants: [core]
-        arches: [amd64]
-        devices: [generic]
-        converter: builtin
-        builtin: {{initramfs_modules: list}}
-        registry: {ns}/kairos
-        artifacts: [kernel, initrd, squashfs, raw]
-        raw_generic: true
-        squashfs: {{compression: lz4}}
-        """)
+    write_flavor(ws.flavors / "rpi.yaml", builtin_doc(
+        "debian", {"mmdebstrap": {"suite": "bookworm", "components": ["main", "non-free-firmware"]}},
+        f"{ns}/kairos", ["kernel", "initrd", "squashfs", "raw"], arches=["arm64"], devices=["rpi4"],
+        overlay="overlay-rpi", squashfs=LZ4))
+    write_flavor(ws.flavors / "other.yaml", builtin_doc(
+        "other", bases["b"], f"{ns}/kairos", ["kernel", "initrd", "squashfs", "raw"], release="1",
+        raw_generic=True, squashfs=LZ4))
     builds = {b.flavor.path.stem: b for b in expand(load_flavors([ws.flavors]))}
     return ws, builds["rpi"], builds["other"], overlay
 

@@ -13,7 +13,7 @@ from tasks import naming
 from tasks.config import load_flavors
 from tasks.matrix import expand
 
-from .conftest import Workspace, write_flavor
+from .conftest import LZ4, Workspace, builtin_doc, write_flavor
 
 pytestmark = pytest.mark.integration
 CLOUD_CONFIG = "#cloud-config\nusers:\n  - name: kairos\n    passwd: kairos\n"
@@ -24,22 +24,9 @@ def rel(tmp_path_factory, ns, bases):
     ws = Workspace(root=tmp_path_factory.mktemp("release"), ns=ns)
     ws.flavors.mkdir(parents=True)
     (ws.flavors / "cloud-config.yml.in").write_text(CLOUD_CONFIG)
-    write_flavor(ws.flavors / "rel.yaml", f"""
-        flavor: debian
-        release: "12"
-        base_image: {bases['b']}
-        version: v3.1.0
-        variants: [core]
-        arches: [amd64]
-        devices: [generic]
-        converter: builtin
-        builtin: {{initramfs_modules: list}}
-        registry: {ns}/kairos
-        artifacts: [raw, iso]
-        raw_generic: true
-        squashfs: {{compression: lz4}}
-        cloud_config: cloud-config.yml.in
-        """)
+    write_flavor(ws.flavors / "rel.yaml", builtin_doc(
+        "debian", bases["b"], f"{ns}/kairos", ["raw", "iso"], raw_generic=True, squashfs=LZ4,
+        cloud_config="cloud-config.yml.in"))
     (b,) = expand(load_flavors([ws.flavors]))
     result = ws.doit()
     assert result.rc == 0, result.err

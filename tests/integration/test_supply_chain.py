@@ -18,7 +18,7 @@ import pytest
 from tasks.config import load_flavors
 from tasks.matrix import expand
 
-from .conftest import Workspace, write_flavor
+from .conftest import LZ4, Workspace, standin_doc, write_flavor
 
 pytestmark = pytest.mark.integration
 PASSWORD = "test-only-password"
@@ -45,26 +45,10 @@ def sc(tmp_path_factory, ns, bases, standin):
     overlay.mkdir(parents=True)
     (overlay / "deploy-key.pem").write_text(fake_private_key())
     cosign_keys(ws.flavors / "keys", PASSWORD)
-    write_flavor(ws.flavors / "sc.yaml", f"""
-        flavor: supplychain
-        release: "1"
-        base_image: {bases['b']}
-        version: v3.1.0
-        variants: [core]
-        arches: [amd64]
-        devices: [generic]
-        converter: kairos-init
-        kairos_init_image: {standin}
-        registry: {ns}/kairos
-        artifacts: [squashfs, sbom, trivy, sign]
-        overlay: overlay-sc
-        squashfs: {{compression: lz4}}
-        scan:
-          vulnerabilities: false
-        sign:
-          key: keys/cosign.key
-          password_env: SC_KEY_PASSWORD
-        """)
+    write_flavor(ws.flavors / "sc.yaml", standin_doc(
+        "supplychain", bases["b"], standin, f"{ns}/kairos", ["squashfs", "sbom", "trivy", "sign"],
+        overlay="overlay-sc", squashfs=LZ4, scan={"vulnerabilities": False},
+        sign={"key": "keys/cosign.key", "password_env": "SC_KEY_PASSWORD"}))
     (b,) = expand(load_flavors([ws.flavors]))
     env = {"SC_KEY_PASSWORD": PASSWORD}
     first = ws.doit(env=env)
@@ -236,24 +220,9 @@ def vuln(tmp_path_factory, ns, bases, standin, engine):
     root = tmp_path_factory.mktemp("vuln")
     trivy_db, grype_db = build_vulndb(root / "db", "sed", f"{sed}+kairos1", CVE, "Critical", tool=tool)
     ws = Workspace(root=root, ns=ns)
-    write_flavor(ws.flavors / "vuln.yaml", f"""
-        flavor: vulnscan
-        release: "1"
-        base_image: {bases['b']}
-        version: v3.1.0
-        variants: [core]
-        arches: [amd64]
-        devices: [generic]
-        converter: kairos-init
-        kairos_init_image: {standin}
-        registry: {ns}/kairos
-        artifacts: [trivy, grype]
-        scan:
-          policy: report-only
-          severity: CRITICAL
-          trivy_db: {trivy_db}
-          grype_db: {grype_db}
-        """)
+    write_flavor(ws.flavors / "vuln.yaml", standin_doc(
+        "vulnscan", bases["b"], standin, f"{ns}/kairos", ["trivy", "grype"],
+        scan={"policy": "report-only", "severity": "CRITICAL", "trivy_db": str(trivy_db), "grype_db": str(grype_db)}))
     (b,) = expand(load_flavors([ws.flavors]))
     first = ws.doit()
     assert first.rc == 0, first.err
