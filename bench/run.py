@@ -56,7 +56,6 @@ from tasks.builders import native_iso, native_raw  # noqa: E402
 from tasks.config import load_flavors  # noqa: E402
 from tasks.matrix import Build, expand  # noqa: E402
 from tasks.stages import extract, iso  # noqa: E402
-from tasks.stages.convert import image_file  # noqa: E402
 from tasks.state import Paths, read_digest  # noqa: E402
 from tests.integration.conftest import (  # noqa: E402  the tests' flavor builders and stand-in
     LZ4, STANDIN_SCRIPT, builtin_doc, drop_namespace, flavor_text, standin_doc)
@@ -484,7 +483,7 @@ def bench_parallel(space: Space, a: Build, b: Build, repeat: int) -> Row:
     times: dict[int, list[float]] = {1: [], 2: []}
     for _ in range(repeat):
         for n in (1, 2):
-            unlink_outputs(*(extract.output(space.paths, x, s) for x in (a, b)
+            unlink_outputs(*(space.paths.artifact(x, s) for x in (a, b)
                              for s in ("-kernel", "-initrd", ".squashfs", ".iso")))
             run = doit(space, "-n", str(n), *targets)
             expect_ran(run, expected, f"doit -n {n}")
@@ -514,7 +513,7 @@ def by_hand_squashfs(paths: Paths, b: Build, work: Path) -> None:
     """docker create + docker export | tar -x, the stage's mksquashfs argv, sha256sum."""
     rootfs = work / "rootfs"
     rootfs.mkdir(parents=True)
-    cid = sh(["docker", "create", read_digest(image_file(paths, b)), "/bench"]).stdout.strip()
+    cid = sh(["docker", "create", read_digest(paths.image_id(b)), "/bench"]).stdout.strip()
     try:
         export = subprocess.Popen(["docker", "export", cid], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         untar = subprocess.run(["tar", "-x", "--numeric-owner", "-p", "-C", str(rootfs), "-f", "-"],
@@ -546,7 +545,7 @@ def by_hand_raw(paths: Paths, b: Build, work: Path) -> None:
     """A generic raw disk like tasks/builders/native_raw.py builds it, as commands: grub-mkstandalone,
     truncate + mkfs.vfat + mmd + mcopy, mkfs.ext4 -d per partition, truncate + sfdisk, dd at the
     offsets, sha256sum."""
-    kernel, initrd, squashfs = (extract.output(paths, b, s) for s in ("-kernel", "-initrd", ".squashfs"))
+    kernel, initrd, squashfs = (paths.artifact(b, s) for s in ("-kernel", "-initrd", ".squashfs"))
     cfg = work / "grub.cfg"
     cfg.write_text(native_raw.grub_cfg())
     loader = work / native_raw.GRUB_EFI[b.arch][1]
@@ -618,7 +617,7 @@ def bench_stage(space: Space, b: Build, stage: str, repeat: int) -> Row:
     process, task, hand = [], [], []
 
     def staged() -> None:
-        unlink_outputs(extract.output(space.paths, b, suffix))
+        unlink_outputs(space.paths.artifact(b, suffix))
         settle()
         run = doit(space, target, json_report=True)
         expect_ran(run, [target], f"doit {target}")
@@ -663,7 +662,7 @@ def bench_reuse(root: Path, real: Space, a: Build, repeat: int) -> Row:
             task.append(run.elapsed[target])
             ran = run.executed
             cached = run_step_cached(run.outputs.get(target, ""))
-            same = read_digest(image_file(fresh.paths, a)) == read_digest(image_file(real.paths, a))
+            same = read_digest(fresh.paths.image_id(a)) == read_digest(real.paths.image_id(a))
     finally:
         shutil.rmtree(fresh.state.parent, ignore_errors=True)
     record = root / "real" / FIRST_CONVERSION

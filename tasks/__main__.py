@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from . import k3s, naming
-from .config import ARTIFACT_KINDS, ConfigError, load_flavors, parse_ref
+from .config import ARTIFACT_KINDS, ConfigError, load_flavors
 from .graph import flavor_sources, select_builds
 from .matrix import Build
 from .state import Paths, read_digest, safe_id
@@ -107,28 +107,24 @@ def recorded_images(paths: Paths, builds: list[Build]) -> list[str]:
     """Every image reference of ``builds`` the engine may hold: tags, the image IDs and
     registry digests the state directory recorded (converted images, bases, kairos-init,
     `-img` carriers). Contacts nothing."""
-    def pinned(ref: str, kind: str, ident: str) -> list[str]:
-        digest_file = paths.digest_file(kind, ident)
-        return [f"{parse_ref(ref)[0]}@{read_digest(digest_file)}"] if digest_file.exists() else []
+    def pinned(repo: str, digest_file: Path) -> list[str]:
+        return [f"{repo}@{read_digest(digest_file)}"] if digest_file.exists() else []
 
     refs: list[str] = []
     for b in builds:
-        repo = b.image.rpartition(":")[0]
         refs.append(b.image)
-        for kind in ("image", "pushed"):
-            if paths.digest_file(kind, b.stem).exists():
-                digest = read_digest(paths.digest_file(kind, b.stem))
-                refs.append(digest if kind == "image" else f"{repo}@{digest}")
+        if paths.image_id(b).exists():
+            refs.append(read_digest(paths.image_id(b)))
+        refs += pinned(naming.repository(b.image), paths.pushed(b))
         if "raw" in b.kinds:
             carrier = naming.carrier_tag(b.image)
             refs.append(carrier)
-            if paths.digest_file("carrier", b.stem).exists():
-                refs.append(f"{carrier.rpartition(':')[0]}@{read_digest(paths.digest_file('carrier', b.stem))}")
+            refs += pinned(naming.repository(carrier), paths.carrier(b))
         refs.append(b.base.ref)
-        refs += pinned(b.base.ref, "resolved", b.base.ident)
+        refs += pinned(naming.repository(b.base.ref), paths.resolved(b.base.ident))
         if b.flavor.kairos_init_image:
             refs.append(b.flavor.kairos_init_image)
-            refs += pinned(b.flavor.kairos_init_image, "resolved", safe_id(b.flavor.kairos_init_image))
+            refs += pinned(naming.repository(b.flavor.kairos_init_image), paths.resolved(safe_id(b.flavor.kairos_init_image)))
     return list(dict.fromkeys(refs))
 
 

@@ -27,6 +27,18 @@ def image_tag(registry: str, flavor: str, release: str, variant: str, arch: str,
     return f"{registry}/{flavor}:{release}-{variant}-{arch}-{device}-{version.replace('+', '-')}"
 
 
+def repository(ref: str) -> str:
+    """The repository of an image reference: without `:tag` and `@digest`."""
+    name = ref.split("@", 1)[0]
+    head, sep, tail = name.rpartition(":")
+    return head if sep and "/" not in tail else name
+
+
+def pinned(ref: str, digest: str) -> str:
+    """`<repository>@<digest>`: the reference that names exactly one image."""
+    return f"{repository(ref)}@{digest}"
+
+
 def carrier_tag(image: str) -> str:
     """The OCI image that carries a raw disk image: the image tag plus `-img`."""
     return f"{image}-img"

@@ -36,9 +36,43 @@ class Paths:
     def dep_file(self) -> Path:
         return self.state / "doit.db"
 
-    def digest_file(self, kind: str, ident: str) -> Path:
+    def _digest(self, kind: str, ident: str) -> Path:
         """Small file holding one digest/ID: the thing downstream tasks depend on."""
         return self.state / kind / f"{ident}.digest"
+
+    # --- the small digest files, one method per kind of record ---------------
+    def resolved(self, ident: str) -> Path:
+        """Registry digest of a base or kairos-init reference (rewritten only on change)."""
+        return self._digest("resolved", ident)
+
+    def pulled(self, ident: str, arch: str) -> Path:
+        """Digest of a reference pulled for one arch."""
+        return self._digest("pulled", f"{ident}-{arch}")
+
+    def seeded(self, ident: str) -> Path:
+        """Registry digest of an offline (mmdebstrap) base pushed to the registry."""
+        return self._digest("seeded", ident)
+
+    def image_id(self, b) -> Path:
+        """ID of the converted image of build ``b``."""
+        return self._digest("image", b.stem)
+
+    def pushed(self, b) -> Path:
+        """Registry digest of the converted image of ``b`` as pushed."""
+        return self._digest("pushed", b.stem)
+
+    def carrier(self, b) -> Path:
+        """Registry digest of the `-img` carrier image of ``b``."""
+        return self._digest("carrier", b.stem)
+
+    def signed(self, b) -> Path:
+        """Image digest ``b`` was signed at (written last by the sign stage)."""
+        return self._digest("signed", b.stem)
+
+    # --- outputs ----------------------------------------------------------------
+    def artifact(self, b, suffix: str) -> Path:
+        """``outputs/<version>/<stem><suffix>`` of build ``b``."""
+        return self.version_dir(b.flavor.version) / (b.stem + suffix)
 
     def context_dir(self, stem: str) -> Path:
         return self.state / "build" / stem

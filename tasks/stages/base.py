@@ -61,7 +61,7 @@ def seed(paths: Paths, src: BaseSource) -> None:
         run(docker.build_argv(cli, ctx_dir, src.ref, f"linux/{src.arch}", iid), env=cli.env(),
             what=f"import {src.ident}")
         digest = docker.push(src.ref)
-        write_text_atomic(paths.digest_file("seeded", src.ident), digest + "\n")
+        write_text_atomic(paths.seeded(src.ident), digest + "\n")
     finally:
         shutil.rmtree(ctx_dir, ignore_errors=True)
 
@@ -93,7 +93,7 @@ def tasks(ctx: Context, kind: str):
                 "doc": f"import the {src.mmdebstrap.suite} rootfs and push it as {src.ref}",
                 "actions": [action(seed, ctx.paths, src)],
                 "file_dep": [str(tar)],
-                "targets": [str(ctx.paths.digest_file("seeded", src.ident))],
+                "targets": [str(ctx.paths.seeded(src.ident))],
                 "uptodate": [lambda ref=src.ref: docker.registry_has(ref)],
                 "clean": True,
                 "verbosity": 2,

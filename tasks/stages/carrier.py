@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-from pathlib import Path
 
 from .. import naming
 from ..graph import Context, action
@@ -16,8 +15,6 @@ from ..matrix import Build
 from ..run import run, say
 from ..state import Paths, read_digest, write_text_atomic
 from ..tools import docker
-from .extract import output
-from .push import pushed_file
 
 
 def dockerfile(b: Build) -> str:
@@ -32,18 +29,14 @@ def extract_command(ref: str, filename: str) -> str:
             f"&& docker rm \"$id\" >/dev/null")
 
 
-def carrier_file(paths: Paths, b: Build) -> Path:
-    return paths.digest_file("carrier", b.stem)
-
 
 def carrier_ref(paths: Paths, b: Build) -> str:
     """The carrier image by digest (as pushed)."""
-    repo = naming.carrier_tag(b.image).rpartition(":")[0]
-    return f"{repo}@{read_digest(carrier_file(paths, b))}"
+    return naming.pinned(naming.carrier_tag(b.image), read_digest(paths.carrier(b)))
 
 
 def carrier(paths: Paths, b: Build) -> None:
-    img = output(paths, b, ".img")
+    img = paths.artifact(b, ".img")
     ctx_dir = paths.context_dir(f"carrier-{b.stem}")
     shutil.rmtree(ctx_dir, ignore_errors=True)
     ctx_dir.mkdir(parents=True)
@@ -59,7 +52,7 @@ def carrier(paths: Paths, b: Build) -> None:
         run(docker.build_argv(cli, ctx_dir, tag, b.platform, ctx_dir / "iid"), env=cli.env(),
             what=f"carrier image {tag}")
         digest = docker.push(tag)
-        write_text_atomic(carrier_file(paths, b), digest + "\n")
+        write_text_atomic(paths.carrier(b), digest + "\n")
     finally:
         shutil.rmtree(ctx_dir, ignore_errors=True)
 
@@ -68,13 +61,13 @@ def tasks(ctx: Context):
     for b in ctx.builds:
         if "raw" not in b.kinds:
             continue
-        img = output(ctx.paths, b, ".img")
+        img = ctx.paths.artifact(b, ".img")
         yield {
             "name": b.stem,
             "doc": f"push {img.name} as the OCI image {naming.carrier_tag(b.image)}",
             "actions": [action(carrier, ctx.paths, b)],
-            "file_dep": [str(img) + ".sha256", str(pushed_file(ctx.paths, b))],
-            "targets": [str(carrier_file(ctx.paths, b))],
+            "file_dep": [str(img) + ".sha256", str(ctx.paths.pushed(b))],
+            "targets": [str(ctx.paths.carrier(b))],
             "clean": True,
             "verbosity": 2,
         }

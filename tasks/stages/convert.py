@@ -21,7 +21,7 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from ..config import parse_ref
+from .. import naming
 from ..graph import Context, action
 from ..matrix import Build
 from ..run import run, say
@@ -45,8 +45,7 @@ def kairos_init_flags(b: Build) -> list[str]:
 
 
 def _from_line(ref: str, digest: str, alias: str = "") -> str:
-    repo = parse_ref(ref)[0]
-    return f"FROM {repo}@{digest}" + (f" AS {alias}" if alias else "")
+    return f"FROM {naming.pinned(ref, digest)}" + (f" AS {alias}" if alias else "")
 
 
 def dockerfile_kairos_init(b: Build, base_digest: str, init_digest: str, overlay: bool) -> str:
@@ -206,17 +205,14 @@ def init_ident(b: Build) -> str | None:
     return safe_id(b.flavor.kairos_init_image) if b.flavor.kairos_init_image else None
 
 
-def image_file(paths: Paths, b: Build) -> Path:
-    return paths.digest_file("image", b.stem)
-
 
 def convert(paths: Paths, b: Build) -> None:
-    base_digest = read_digest(resolve.pulled_file(paths, b.base.ident, b.arch))
+    base_digest = read_digest(paths.pulled(b.base.ident, b.arch))
     resolve.ensure_local(b.base.ref, base_digest, b.arch)
     init_digest = None
     if b.flavor.converter == "kairos-init":
         ident = init_ident(b)
-        init_digest = read_digest(resolve.pulled_file(paths, ident, b.arch))
+        init_digest = read_digest(paths.pulled(ident, b.arch))
         resolve.ensure_local(b.flavor.kairos_init_image, init_digest, b.arch)
 
     ctx_dir = paths.context_dir(b.stem)
@@ -235,16 +231,16 @@ def convert(paths: Paths, b: Build) -> None:
     run(docker.build_argv(cli, ctx_dir, b.image, b.platform, iid, all_labels), env=cli.env(), show=True,
         what=f"convert {b.stem}")
     image = docker.read_iidfile(iid)
-    write_text_atomic(image_file(paths, b), image + "\n")
+    write_text_atomic(paths.image_id(b), image + "\n")
     say(f"    {b.image} = {image}")
 
 
 def tasks(ctx: Context):
     for b in ctx.builds:
         files, listing = overlay_files(b.flavor.overlay)
-        deps = [str(resolve.pulled_file(ctx.paths, b.base.ident, b.arch))]
+        deps = [str(ctx.paths.pulled(b.base.ident, b.arch))]
         if b.flavor.converter == "kairos-init":
-            deps.append(str(resolve.pulled_file(ctx.paths, init_ident(b), b.arch)))
+            deps.append(str(ctx.paths.pulled(init_ident(b), b.arch)))
         key = json.dumps({
             "dockerfile": dockerfile(b, DIGEST, DIGEST),
             "script": builtin_script(b) if b.flavor.converter == "builtin" else "",
@@ -257,7 +253,7 @@ def tasks(ctx: Context):
             "doc": f"convert {b.base.ref} ({b.platform}) with {b.flavor.converter} into {b.image}",
             "actions": [action(convert, ctx.paths, b)],
             "file_dep": deps + files,
-            "targets": [str(image_file(ctx.paths, b))],
+            "targets": [str(ctx.paths.image_id(b))],
             "uptodate": [config_changed(key)],
             "clean": True,
             "verbosity": 2,

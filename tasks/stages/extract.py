@@ -20,8 +20,7 @@ from ..matrix import Build
 from ..run import KairosError, run, say
 from ..state import Paths, atomic_path, clean_partials, partial_name, write_checksum
 from ..tools import docker
-from .convert import image_file
-from .push import ensure_image, pushed_file
+from .push import ensure_image
 
 KERNEL_NAMES = ("vmlinuz", "kernel", "Image", "bzImage")
 KERNEL_GLOBS = (r"vmlinuz-.+", r"Image-.+", r"vmlinux-.+", r"kernel-.+")
@@ -144,23 +143,20 @@ def squashfs(paths: Paths, b: Build, out: Path) -> None:
         shutil.rmtree(rootfs, ignore_errors=True)
 
 
-def output(paths: Paths, b: Build, suffix: str) -> Path:
-    return paths.version_dir(b.flavor.version) / (b.stem + suffix)
-
 
 def tasks(ctx: Context, kind: str):
     suffix = {"kernel": "-kernel", "initrd": "-initrd", "squashfs": ".squashfs"}[kind]
     for b in ctx.builds:
         if kind not in b.kinds:
             continue
-        out = output(ctx.paths, b, suffix)
+        out = ctx.paths.artifact(b, suffix)
         act = action(squashfs, ctx.paths, b, out) if kind == "squashfs" else \
             action(extract_boot_file, ctx.paths, b, kind, out)
         yield {
             "name": b.stem,
             "doc": f"{out.name} from {b.image}",
             "actions": [act],
-            "file_dep": [str(image_file(ctx.paths, b)), str(pushed_file(ctx.paths, b))],
+            "file_dep": [str(ctx.paths.image_id(b)), str(ctx.paths.pushed(b))],
             "targets": [str(out), str(out) + ".sha256"],
             "clean": True,
             "verbosity": 2,

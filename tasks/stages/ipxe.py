@@ -26,7 +26,6 @@ from ..graph import Context, action, refused_task
 from ..matrix import Build
 from ..run import say
 from ..state import Paths, atomic_path, clean_partials, partial_name, write_checksum
-from . import extract
 
 STAGE_VERSION = 1
 SUFFIXES = (".ipxe", "-ipxe.iso", "-ipxe-usb.img")
@@ -95,7 +94,7 @@ def tools(b: Build) -> dict[str, str]:
 
 
 def outputs(paths: Paths, b: Build) -> list[Path]:
-    return [extract.output(paths, b, s) for s in SUFFIXES]
+    return [paths.artifact(b, s) for s in SUFFIXES]
 
 
 def build(paths: Paths, b: Build) -> None:
@@ -135,7 +134,7 @@ def tasks(ctx: Context):
         if why:
             yield refused_task(b.stem, f"{outs[0].name} and iPXE media", why)
             continue
-        deps = [str(extract.output(ctx.paths, b, s)) + ".sha256" for s in ("-kernel", "-initrd", ".squashfs")]
+        deps = [str(ctx.paths.artifact(b, s)) + ".sha256" for s in ("-kernel", "-initrd", ".squashfs")]
         # Debian's ipxe.lkrn is small: an ipxe package upgrade rebuilds the media
         deps += [str(p) for p in native_ipxe.IPXE_LKRN_CANDIDATES if p.is_file()][:1]
         yield {

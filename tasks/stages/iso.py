@@ -20,9 +20,7 @@ from ..matrix import Build
 from ..run import say
 from ..state import Paths, atomic_path, clean_partials, partial_name, write_checksum
 from ..tools import docker
-from . import extract
-from .convert import image_file
-from .push import ensure_image, pushed_file
+from .push import ensure_image
 
 STAGE_VERSION = 1
 INPUTS = ("-kernel", "-initrd", ".squashfs")
@@ -46,7 +44,7 @@ def tools(b: Build) -> dict[str, str]:
 
 
 def inputs(paths: Paths, b: Build) -> list[Path]:
-    return [extract.output(paths, b, s) for s in INPUTS]
+    return [paths.artifact(b, s) for s in INPUTS]
 
 
 def native_supported(b: Build) -> bool:
@@ -58,7 +56,7 @@ def file_dep(paths: Paths, b: Build) -> list[str]:
     cannot serve depends on nothing, so its task fails at once instead of first
     building the whole (cross-arch) input chain."""
     if b.flavor.builder == "auroraboot":
-        return [str(image_file(paths, b)), str(pushed_file(paths, b))]
+        return [str(paths.image_id(b)), str(paths.pushed(b))]
     if not native_supported(b):
         return []
     return [str(p) + ".sha256" for p in inputs(paths, b)]
@@ -110,7 +108,7 @@ def build(paths: Paths, b: Build, out: Path) -> None:
 
 
 def output(paths: Paths, b: Build) -> Path:
-    return extract.output(paths, b, ".iso")
+    return paths.artifact(b, ".iso")
 
 
 def tasks(ctx: Context):

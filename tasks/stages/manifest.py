@@ -18,8 +18,6 @@ from ..graph import Context, action
 from ..matrix import Build
 from ..state import Paths, read_digest, sha256_file, write_text_atomic
 from . import carrier, convert, sign
-from .extract import output
-from .push import pushed_file
 
 # tool -> argv printing its version
 TOOL_VERSIONS = {
@@ -76,11 +74,11 @@ def small_outputs(paths: Paths, b: Build) -> list[Path]:
     """Files hashed directly (reports, SBOMs, signatures, provenance, .sha256 files)."""
     out = []
     for kind in b.kinds:
-        out += [output(paths, b, s) for s in REPORT_SUFFIXES.get(kind, ())]
+        out += [paths.artifact(b, s) for s in REPORT_SUFFIXES.get(kind, ())]
     shas = sign.checksum_files(paths, b)
     out += shas
     if "sign" in b.kinds:
-        out.append(output(paths, b, "-provenance.json"))
+        out.append(paths.artifact(b, "-provenance.json"))
         for sha in shas:
             out += list(sign.blob_sig(sha))
     return out
@@ -92,11 +90,11 @@ def file_record(path: Path, sha: str | None = None) -> dict:
 
 def build_record(paths: Paths, b: Build) -> dict:
     f = b.flavor
-    base = {"ref": b.base.ref, "digest": read_digest(paths.digest_file("resolved", b.base.ident))}
+    base = {"ref": b.base.ref, "digest": read_digest(paths.resolved(b.base.ident))}
     init = None
     if f.kairos_init_image:
         init = {"ref": f.kairos_init_image,
-                "digest": read_digest(paths.digest_file("resolved", convert.init_ident(b)))}
+                "digest": read_digest(paths.resolved(convert.init_ident(b)))}
     files = []
     for kind in b.kinds:
         if kind not in naming.CHECKSUMMED:
@@ -116,8 +114,8 @@ def build_record(paths: Paths, b: Build) -> dict:
         "stem": b.stem,
         "flavor_file": f.path.name,
         "image": b.image,
-        "image_id": read_digest(convert.image_file(paths, b)),
-        "image_digest": read_digest(pushed_file(paths, b)),
+        "image_id": read_digest(paths.image_id(b)),
+        "image_digest": read_digest(paths.pushed(b)),
         "inputs": {
             "base": base,
             "kairos_init": init,
@@ -143,14 +141,14 @@ def release_notes(version: str, builds: list[Build], records: list[dict], carrie
             out.append(f"| `{o['name']}` | {o['size']} | `{o['sha256']}` |")
     out += ["", "## Images", ""]
     for b, record in zip(builds, records):
-        out.append(f"- `{b.image}` = `{b.image.rpartition(':')[0]}@{record['image_digest']}`")
+        out.append(f"- `{b.image}` = `{naming.pinned(b.image, record['image_digest'])}`")
     signed = [(b, r) for b, r in zip(builds, records) if "sign" in b.kinds]
     if signed:
         out += ["", "## Verify", "", "Signatures were made with cosign"
                 + (" (key-based, no transparency log: hence `--insecure-ignore-tlog=true`)."
                    if not signed[0][0].flavor.sign.keyless else " (keyless)."), "", "```sh"]
         for b, record in signed:
-            ref = f"{b.image.rpartition(':')[0]}@{record['image_digest']}"
+            ref = naming.pinned(b.image, record['image_digest'])
             args = "--key cosign.pub --insecure-ignore-tlog=true" if not b.flavor.sign.keyless else \
                 "--certificate-identity <identity> --certificate-oidc-issuer <issuer>"
             out.append(f"cosign verify {args} {ref}")
@@ -189,9 +187,9 @@ def tasks(ctx: Context):
     for version, builds in sorted(by_version.items()):
         deps: list[str] = []
         for b in builds:
-            deps += [str(convert.image_file(ctx.paths, b)), str(pushed_file(ctx.paths, b))]
+            deps += [str(ctx.paths.image_id(b)), str(ctx.paths.pushed(b))]
             if "raw" in b.kinds:
-                deps.append(str(carrier.carrier_file(ctx.paths, b)))
+                deps.append(str(ctx.paths.carrier(b)))
             deps += [str(p) for p in small_outputs(ctx.paths, b)]
         out = ctx.paths.version_dir(version)
         yield {

@@ -24,9 +24,7 @@ from ..matrix import Build
 from ..run import run, say
 from ..state import Paths, atomic_path, clean_partials, partial_name, write_checksum
 from ..tools import docker
-from . import extract
-from .convert import image_file
-from .push import ensure_image, pushed_file
+from .push import ensure_image
 
 STAGE_VERSION = 1
 RPI_DEVICES = ("rpi3", "rpi4")
@@ -88,9 +86,9 @@ def oem_files(b: Build) -> dict[str, Path]:
 
 
 def build_raw(paths: Paths, b: Build, out: Path) -> None:
-    kernel = extract.output(paths, b, "-kernel")
-    initrd = extract.output(paths, b, "-initrd")
-    squashfs = extract.output(paths, b, ".squashfs")
+    kernel = paths.artifact(b, "-kernel")
+    initrd = paths.artifact(b, "-initrd")
+    squashfs = paths.artifact(b, ".squashfs")
     work_base = paths.tmp_dir() / f"{b.stem}-raw"
     clean_partials(work_base)
     work = partial_name(work_base)
@@ -148,16 +146,16 @@ def tasks(ctx: Context):
     for b in ctx.builds:
         if "raw" not in b.kinds:
             continue
-        out = extract.output(ctx.paths, b, ".img")
+        out = ctx.paths.artifact(b, ".img")
         why = problem(b)
         if why:
             yield refused_task(b.stem, out.name, why)
             continue
         if b.flavor.builder == "auroraboot":
-            deps = [str(image_file(ctx.paths, b)), str(pushed_file(ctx.paths, b))]
+            deps = [str(ctx.paths.image_id(b)), str(ctx.paths.pushed(b))]
             act, how = action(build_auroraboot, ctx.paths, b, out), "AuroraBoot"
         else:
-            deps = [str(extract.output(ctx.paths, b, s)) + ".sha256" for s in ("-kernel", "-initrd", ".squashfs")]
+            deps = [str(ctx.paths.artifact(b, s)) + ".sha256" for s in ("-kernel", "-initrd", ".squashfs")]
             deps += [str(p) for p in oem_files(b).values()]
             act = action(build_raw, ctx.paths, b, out)
             how = "MBR: " + ("firmware FAT" if b.device in RPI_DEVICES else "EFI system partition") + \

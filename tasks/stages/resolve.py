@@ -6,6 +6,7 @@ registry's digest changed, so everything downstream reruns exactly then.
 from __future__ import annotations
 
 from ..config import parse_ref
+from .. import naming
 from ..graph import Context, action
 from ..run import KairosError
 from ..state import Paths, read_digest, safe_id, write_if_changed, write_text_atomic
@@ -29,14 +30,13 @@ def refs(ctx: Context) -> dict[str, tuple[str, set[str], str | None]]:
 def resolve(paths: Paths, ident: str, ref: str) -> None:
     _, _, pinned = parse_ref(ref)
     digest = pinned or docker.registry_digest(ref)
-    if write_if_changed(paths.digest_file("resolved", ident), digest + "\n"):
+    if write_if_changed(paths.resolved(ident), digest + "\n"):
         print(f"    {ref} -> {digest} (changed)")
 
 
 def ensure_local(ref: str, digest: str, arch: str) -> str:
     """Make sure the daemon has ``repo@digest`` for ``arch``; return its image ID."""
-    repo = parse_ref(ref)[0]
-    pinned = f"{repo}@{digest}"
+    repo, pinned = naming.repository(ref), naming.pinned(ref, digest)
     if docker.image_id(pinned) and docker.image_arch(pinned) == arch:
         return docker.image_id(pinned)
     found = docker.pull(repo, digest, f"linux/{arch}")
@@ -45,14 +45,11 @@ def ensure_local(ref: str, digest: str, arch: str) -> str:
     return found
 
 
-def pulled_file(paths: Paths, ident: str, arch: str):
-    return paths.digest_file("pulled", f"{ident}-{arch}")
-
 
 def pull(paths: Paths, ident: str, ref: str, arch: str) -> None:
-    digest = read_digest(paths.digest_file("resolved", ident))
+    digest = read_digest(paths.resolved(ident))
     ensure_local(ref, digest, arch)
-    write_text_atomic(pulled_file(paths, ident, arch), digest + "\n")
+    write_text_atomic(paths.pulled(ident, arch), digest + "\n")
 
 
 def resolve_tasks(ctx: Context):
@@ -61,7 +58,7 @@ def resolve_tasks(ctx: Context):
             "name": ident,
             "doc": f"look up the digest of {ref}",
             "actions": [action(resolve, ctx.paths, ident, ref)],
-            "targets": [str(ctx.paths.digest_file("resolved", ident))],
+            "targets": [str(ctx.paths.resolved(ident))],
             "uptodate": [False],
             "task_dep": ["preflight"] + ([seed] if seed else []),
             "clean": True,
@@ -76,8 +73,8 @@ def pull_tasks(ctx: Context):
                 "name": f"{ident}-{arch}",
                 "doc": f"pull {ref} by digest for linux/{arch}",
                 "actions": [action(pull, ctx.paths, ident, ref, arch)],
-                "file_dep": [str(ctx.paths.digest_file("resolved", ident))],
-                "targets": [str(pulled_file(ctx.paths, ident, arch))],
+                "file_dep": [str(ctx.paths.resolved(ident))],
+                "targets": [str(ctx.paths.pulled(ident, arch))],
                 "clean": True,
                 "verbosity": 2,
             }

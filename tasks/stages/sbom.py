@@ -11,9 +11,7 @@ from ..graph import Context, action
 from ..matrix import Build
 from ..run import run, say
 from ..state import Paths, atomic_path
-from .convert import image_file
-from .extract import output
-from .push import ensure_image, pushed_file
+from .push import ensure_image
 
 SYFT_ENV = {"SYFT_CHECK_FOR_APP_UPDATE": "false"}
 
@@ -24,7 +22,7 @@ def syft_argv(image: str, spdx: Path, syft_json: Path) -> list[str]:
 
 
 def files(paths: Paths, b: Build) -> tuple[Path, Path]:
-    return output(paths, b, "-sbom.spdx.json"), output(paths, b, "-sbom.syft.json")
+    return paths.artifact(b, "-sbom.spdx.json"), paths.artifact(b, "-sbom.syft.json")
 
 
 def sbom(paths: Paths, b: Build) -> None:
@@ -47,7 +45,7 @@ def tasks(ctx: Context):
             "name": b.stem,
             "doc": f"SPDX and syft SBOMs of {b.image}",
             "actions": [action(sbom, ctx.paths, b)],
-            "file_dep": [str(image_file(ctx.paths, b)), str(pushed_file(ctx.paths, b))],
+            "file_dep": [str(ctx.paths.image_id(b)), str(ctx.paths.pushed(b))],
             "targets": [str(p) for p in files(ctx.paths, b)],
             "clean": True,
             "verbosity": 2,

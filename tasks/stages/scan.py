@@ -21,9 +21,7 @@ from ..graph import Context, action
 from ..matrix import Build
 from ..run import KairosError, UsageError, run, say
 from ..state import Paths, atomic_path
-from .convert import image_file
-from .extract import output
-from .push import ensure_image, pushed_file
+from .push import ensure_image
 
 STAGE_VERSION = 1
 GRYPE_ENV = {"GRYPE_CHECK_FOR_APP_UPDATE": "false"}
@@ -144,7 +142,7 @@ def trivy(paths: Paths, b: Build) -> None:
     if f.scan.vulnerabilities and f.scan.trivy_db is None and not f.scan.download_db:
         raise _no_db(f, "trivy")
     ensure_image(paths, b)
-    out_json, out_sarif = output(paths, b, "-trivy.json"), output(paths, b, "-trivy.sarif")
+    out_json, out_sarif = paths.artifact(b, "-trivy.json"), paths.artifact(b, "-trivy.sarif")
     say(f"    trivy ({trivy_scanners(f)}) {b.image}")
     with atomic_path(out_json) as tmp_json, atomic_path(out_sarif) as tmp_sarif:
         run(trivy_argv(b.image, trivy_cache(paths, f), f, tmp_json), what=f"trivy {b.stem}")
@@ -159,7 +157,7 @@ def grype(paths: Paths, b: Build) -> None:
     if f.scan.grype_db is None and not f.scan.download_db:
         raise _no_db(f, "grype")
     ensure_image(paths, b)
-    out_json, out_sarif = output(paths, b, "-grype.json"), output(paths, b, "-grype.sarif")
+    out_json, out_sarif = paths.artifact(b, "-grype.json"), paths.artifact(b, "-grype.sarif")
     say(f"    grype {b.image}")
     with atomic_path(out_json) as tmp_json, atomic_path(out_sarif) as tmp_sarif:
         run(grype_argv(b.image, tmp_json, tmp_sarif), env=grype_env(f), what=f"grype {b.stem}")
@@ -200,8 +198,8 @@ def tasks(ctx: Context, kind: str):
             "name": b.stem,
             "doc": f"{kind} reports of {b.image} (policy {f.scan.policy})",
             "actions": [action(trivy if kind == "trivy" else grype, ctx.paths, b)],
-            "file_dep": [str(image_file(ctx.paths, b)), str(pushed_file(ctx.paths, b))] + db_files(db),
-            "targets": [str(output(ctx.paths, b, s)) for s in suffixes],
+            "file_dep": [str(ctx.paths.image_id(b)), str(ctx.paths.pushed(b))] + db_files(db),
+            "targets": [str(ctx.paths.artifact(b, s)) for s in suffixes],
             "uptodate": [config_changed(key)],
             "clean": True,
             "verbosity": 2,

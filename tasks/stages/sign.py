@@ -30,8 +30,6 @@ from ..matrix import Build
 from ..run import CommandError, KairosError, UsageError, run, say
 from ..state import Paths, atomic_path, read_digest, sha256_file, write_text_atomic
 from . import convert
-from .extract import output
-from .push import pushed_file
 
 STAGE_VERSION = 1
 PROVENANCE_TYPE = "slsaprovenance1"
@@ -140,16 +138,13 @@ def cosign_env(flavor: Flavor) -> dict[str, str]:
     return env
 
 
-def signed_file(paths: Paths, b: Build) -> Path:
-    return paths.digest_file("signed", b.stem)
-
 
 def dependencies(paths: Paths, b: Build) -> list[dict]:
     deps = []
-    base = read_digest(paths.digest_file("resolved", b.base.ident))
+    base = read_digest(paths.resolved(b.base.ident))
     deps.append({"uri": f"oci://{b.base.ref}", "digest": {"sha256": base.split(":", 1)[1]}})
     if b.flavor.kairos_init_image:
-        init = read_digest(paths.digest_file("resolved", convert.init_ident(b)))
+        init = read_digest(paths.resolved(convert.init_ident(b)))
         deps.append({"uri": f"oci://{b.flavor.kairos_init_image}", "digest": {"sha256": init.split(":", 1)[1]}})
     if b.flavor.overlay is not None:
         deps.append({"uri": f"file:{b.flavor.overlay.name}", "digest": {"sha256": overlay_digest(b.flavor.overlay)}})
@@ -169,15 +164,15 @@ def sign(paths: Paths, b: Build) -> None:
     f = b.flavor
     env = cosign_env(f)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat()
-    digest = read_digest(pushed_file(paths, b))
-    ref = f"{b.image.rpartition(':')[0]}@{digest}"
+    digest = read_digest(paths.pushed(b))
+    ref = naming.pinned(b.image, digest)
     say(f"    cosign sign {ref}")
     run(sign_argv(f, ref), env=env, what=f"cosign sign {b.stem}")
     if "sbom" in b.kinds:
-        spdx = output(paths, b, "-sbom.spdx.json")
+        spdx = paths.artifact(b, "-sbom.spdx.json")
         say(f"    cosign attest --type spdxjson ({spdx.stat().st_size} bytes)")
         run(attest_argv(f, ref, spdx, "spdxjson"), env=env, what=f"cosign attest sbom {b.stem}")
-    prov = output(paths, b, "-provenance.json")
+    prov = paths.artifact(b, "-provenance.json")
     predicate = provenance(b, dependencies(paths, b), started,
                            datetime.datetime.now(datetime.timezone.utc).isoformat())
     write_text_atomic(prov, json.dumps(predicate, indent=2) + "\n")
@@ -186,13 +181,13 @@ def sign(paths: Paths, b: Build) -> None:
         sig, bundle = blob_sig(sha)
         with atomic_path(sig) as tmp_sig, atomic_path(bundle) as tmp_bundle:
             run(sign_blob_argv(f, sha, tmp_sig, tmp_bundle), env=env, what=f"cosign sign-blob {sha.name}")
-    write_text_atomic(signed_file(paths, b), digest + "\n")
+    write_text_atomic(paths.signed(b), digest + "\n")
 
 
 def verify(paths: Paths, b: Build) -> None:
     """Check everything; report every failure (one line each) at once."""
     f = b.flavor
-    if not signed_file(paths, b).exists():
+    if not paths.signed(b).exists():
         raise KairosError(f"{b.stem} has not been signed yet: run `python3 -m doit sign:{b.stem}` first")
     problems = []
     for sha in checksum_files(paths, b):
@@ -211,8 +206,8 @@ def verify(paths: Paths, b: Build) -> None:
             run(verify_blob_argv(f, sha, sig), what=f"verify {sha.name}")
         except CommandError:
             problems.append(f"{sha.name}: blob signature {sig.name} does not verify")
-    digest = read_digest(pushed_file(paths, b))
-    ref = f"{b.image.rpartition(':')[0]}@{digest}"
+    digest = read_digest(paths.pushed(b))
+    ref = naming.pinned(b.image, digest)
     checks = [(verify_argv(f, ref), f"image signature of {ref}")]
     if "sbom" in b.kinds:
         checks.append((verify_attestation_argv(f, ref, "spdxjson"), f"SBOM attestation of {ref}"))
@@ -239,13 +234,13 @@ def tasks(ctx: Context):
             continue
         f = b.flavor
         shas = checksum_files(ctx.paths, b)
-        deps = [str(convert.image_file(ctx.paths, b)), str(pushed_file(ctx.paths, b))] + [str(s) for s in shas]
+        deps = [str(ctx.paths.image_id(b)), str(ctx.paths.pushed(b))] + [str(s) for s in shas]
         if "sbom" in b.kinds:
-            deps.append(str(output(ctx.paths, b, "-sbom.spdx.json")))
+            deps.append(str(ctx.paths.artifact(b, "-sbom.spdx.json")))
         if f.sign.key is not None:
             deps += [str(f.sign.key), str(f.sign.key.with_suffix(".pub"))]
         key = json.dumps({"key": str(f.sign.key), "keyless": f.sign.keyless, "stage": STAGE_VERSION})
-        targets = [str(signed_file(ctx.paths, b)), str(output(ctx.paths, b, "-provenance.json"))]
+        targets = [str(ctx.paths.signed(b)), str(ctx.paths.artifact(b, "-provenance.json"))]
         for sha in shas:
             targets += [str(p) for p in blob_sig(sha)]
         yield {

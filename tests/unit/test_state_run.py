@@ -131,7 +131,7 @@ def test_paths_layout(tmp_path, monkeypatch):
     p = Paths.from_env(tmp_path)
     assert (p.state, p.outputs) == (tmp_path / ".state", tmp_path / "outputs")
     assert p.dep_file.parent == p.state  # one directory to cache in CI
-    for path in (p.digest_file("image", "x"), p.context_dir("x"), p.rootfs_tar("x"), p.tmp_dir()):
+    for path in (p.image_id(type("B", (), {"stem": "x"})()), p.context_dir("x"), p.rootfs_tar("x"), p.tmp_dir()):
         assert p.state in path.parents
     monkeypatch.setenv("KAIROS_STATE", str(tmp_path / "cache"))
     assert Paths.from_env(tmp_path).state == tmp_path / "cache"
