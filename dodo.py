@@ -15,8 +15,8 @@ from pathlib import Path
 from doit import get_var
 
 from tasks import graph
-from tasks.stages import (base, carrier, convert, extract, ipxe, iso, manifest, preflight, push, raw, resolve,
-                          sbom, scan, sign)
+from tasks.kinds import REGISTRY
+from tasks.stages import base, carrier, convert, manifest, preflight, push, resolve, sign
 
 if any(a in ("-v", "--verbosity") or a.startswith(("--verbosity=", "-v")) for a in sys.argv[1:]):
     os.environ.setdefault("KAIROS_VERBOSE", "1")  # `doit -v 2 ...`: also print every command run
@@ -62,54 +62,9 @@ def task_push():
     yield from push.tasks(CTX)
 
 
-def task_kernel():
-    """Extract <stem>-kernel from the image's /boot."""
-    yield from extract.tasks(CTX, "kernel")
-
-
-def task_initrd():
-    """Extract <stem>-initrd from the image's /boot."""
-    yield from extract.tasks(CTX, "initrd")
-
-
-def task_squashfs():
-    """Build <stem>.squashfs of the image's root filesystem."""
-    yield from extract.tasks(CTX, "squashfs")
-
-
-def task_iso():
-    """Build <stem>.iso: BIOS+EFI live ISO (volume COS_LIVE) from kernel, initrd and squashfs."""
-    yield from iso.tasks(CTX)
-
-
-def task_raw():
-    """Build the raw disk <stem>.img (rpi3/rpi4 firmware boot; generic amd64 EFI with raw_generic)."""
-    yield from raw.tasks(CTX)
-
-
-def task_ipxe():
-    """Write <stem>.ipxe, <stem>-ipxe.iso and <stem>-ipxe-usb.img (netboot; amd64 generic)."""
-    yield from ipxe.tasks(CTX)
-
-
-def task_sbom():
-    """Write <stem>-sbom.spdx.json and -sbom.syft.json of the image (syft)."""
-    yield from sbom.tasks(CTX)
-
-
-def task_trivy():
-    """Write <stem>-trivy.json and -trivy.sarif (vulnerabilities and secrets), apply the scan policy."""
-    yield from scan.tasks(CTX, "trivy")
-
-
-def task_grype():
-    """Write <stem>-grype.json and -grype.sarif, apply the scan policy."""
-    yield from scan.tasks(CTX, "grype")
-
-
-def task_sign():
-    """cosign: sign the image, attest SBOM and SLSA provenance, sign-blob every .sha256."""
-    yield from sign.tasks(CTX)
+# one task per artifact kind of the registry (tasks/kinds.py): `<kind>:<stem>` subtasks from the
+# stage module that builds it; its docstring is the `doit list` text
+globals().update({f"task_{kind.name}": graph.kind_task(CTX, kind) for kind in REGISTRY})
 
 
 def task_verify():

@@ -7,12 +7,15 @@ overlay directories, nothing else.
 from __future__ import annotations
 
 import fcntl
+import importlib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from doit.exceptions import TaskError, TaskFailed
+from doit.tools import config_changed
 from doit.reporter import ConsoleReporter
 
 from .config import ConfigError, Flavor, load_flavors
@@ -83,14 +86,38 @@ def action(fn, *args):
     return (_guarded, (fn, args))
 
 
+def task(name: str, doc: str, act, *, file_dep=(), targets=(), key: str | None = None, **more) -> dict:
+    """One doit subtask: ``act`` (made by `action`), file dependencies and targets (paths),
+    `config_changed(key)` when ``key`` is given; `doit clean` removes the targets. Output
+    verbosity is DOIT_CONFIG's (see doit_config)."""
+    out = {"name": name, "doc": doc, "actions": [act], "file_dep": [str(p) for p in file_dep],
+           "targets": [str(p) for p in targets], "clean": True}
+    if key is not None:
+        out["uptodate"] = [config_changed(key)]
+    out.update(more)
+    return out
+
+
+def kind_task(ctx: Context, kind) -> Callable:
+    """The doit task creator of one artifact kind: its stage module's `tasks(ctx, kind)`,
+    documented by the registry entry (the `doit list` text)."""
+    module = importlib.import_module(f"{__package__}.stages.{kind.stage}")
+
+    def creator():
+        yield from module.tasks(ctx, kind.name)
+
+    creator.__doc__ = kind.doc
+    creator.__name__ = f"task_{kind.name}"
+    return creator
+
+
 def _refuse(message: str) -> None:
     raise UsageError(message)
 
 
 def refused_task(name: str, doc: str, message: str) -> dict:
     """A subtask that cannot be built: running it fails with ``message`` (exit 2), writes nothing."""
-    return {"name": name, "doc": f"{doc} (cannot be built: see the message)",
-            "actions": [action(_refuse, message)], "verbosity": 2}
+    return {"name": name, "doc": f"{doc} (cannot be built: see the message)", "actions": [action(_refuse, message)]}
 
 
 class Reporter(ConsoleReporter):

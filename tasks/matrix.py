@@ -6,11 +6,10 @@ import json
 from dataclasses import dataclass
 
 from . import naming
-from .config import ARTIFACT_KINDS, DEVICES, Flavor, MmdebstrapBase
+from .config import DEVICES, Flavor, MmdebstrapBase
+from .kinds import ARTIFACT_KINDS, KINDS
 from .state import safe_id
 
-
-IMPLIED_INPUTS = ("kernel", "initrd", "squashfs")
 
 
 @dataclass(frozen=True)
@@ -44,25 +43,15 @@ class Build:
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        """Artifact kinds this build produces (matrix rules applied)."""
-        out = []
-        for kind in self.flavor.artifacts:
-            if kind in ("iso", "ipxe") and self.device != "generic":
-                continue  # ISOs and netboot files are for generic devices only
-            if kind == "ipxe" and self.arch != "amd64":
-                continue  # the iPXE media start Debian's BIOS iPXE: amd64 only
-            if kind == "raw" and self.device == "generic" and not self.flavor.raw_generic:
-                continue  # raw images are for boards, generic only when asked
-            out.append(kind)
-        # the native ISO, raw and iPXE builders are made from the kernel, initrd and squashfs
-        builds_from_files = {"ipxe"} | ({"iso", "raw"} if self.flavor.builder == "native" else set())
-        if builds_from_files & set(out):
-            out += [k for k in IMPLIED_INPUTS if k not in out]
-        return tuple(k for k in ARTIFACT_KINDS if k in out)
+        """Artifact kinds this build produces: the flavor's list with the registry's matrix
+        rules applied, plus the kinds they are built from, in registry order."""
+        wanted = {name for name in self.flavor.artifacts if KINDS[name].for_build(self)}
+        wanted |= {src for name in wanted for src in KINDS[name].inputs(self)}
+        return tuple(k for k in ARTIFACT_KINDS if k in wanted)
 
     def files(self) -> dict[str, list[str]]:
-        return {kind: naming.artifact_files(self.stem, kind) for kind in self.kinds
-                if naming.artifact_files(self.stem, kind)}
+        """Kind -> its file names for this build (kinds that write no files left out)."""
+        return {kind: names for kind in self.kinds if (names := KINDS[kind].files(self.stem))}
 
     @property
     def base(self) -> "BaseSource":

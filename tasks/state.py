@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .kinds import BLOB_SIGNATURE_SUFFIXES, CHECKSUM_SUFFIX, KINDS, boot_file_names
 from .run import KairosError, UsageError
 
 TMP_MARK = ".partial-"
@@ -74,6 +75,22 @@ class Paths:
         """``outputs/<version>/<stem><suffix>`` of build ``b``."""
         return self.version_dir(b.flavor.version) / (b.stem + suffix)
 
+    def outputs_of(self, b, kind: str) -> list[Path]:
+        """The files of one artifact kind of ``b`` (the registry's suffixes), checksums excluded."""
+        return [self.artifact(b, s) for s in KINDS[kind].suffixes]
+
+    def targets_of(self, b, kind: str) -> list[Path]:
+        """Everything the stage of ``kind`` writes into outputs for ``b``: its files, then their checksums."""
+        return [self.version_dir(b.flavor.version) / n for n in KINDS[kind].files(b.stem)]
+
+    def boot_files(self, b) -> tuple[Path, ...]:
+        """The kernel, initrd and squashfs of ``b``: what the native ISO, raw and iPXE builders use."""
+        return tuple(self.version_dir(b.flavor.version) / name for name in boot_file_names(b.stem))
+
+    def checksums(self, b) -> list[Path]:
+        """Every `<file>.sha256` the artifact stages of ``b`` write."""
+        return [checksum_path(p) for kind in b.kinds if KINDS[kind].checksummed for p in self.outputs_of(b, kind)]
+
     def context_dir(self, stem: str) -> Path:
         return self.state / "build" / stem
 
@@ -129,6 +146,39 @@ def atomic_path(path: Path):
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def scratch_dir(parent: Path, name: str):
+    """A fresh, empty working directory ``parent/.<name>.partial-<pid>`` for one step; removed
+    afterwards, and leftovers of killed earlier attempts at the same step go first."""
+    base = Path(parent) / name
+    clean_partials(base)
+    work = partial_name(base)
+    work.mkdir(parents=True)
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def build_context(paths: "Paths", name: str, files: dict[str, Path] | None = None, keep: bool = False):
+    """A fresh Docker build context ``<state>/build/<name>`` holding ``files`` (context name ->
+    source, hard-linked where possible); removed afterwards unless ``keep``."""
+    ctx_dir = paths.context_dir(name)
+    shutil.rmtree(ctx_dir, ignore_errors=True)
+    ctx_dir.mkdir(parents=True)
+    try:
+        for dest, source in (files or {}).items():
+            try:
+                os.link(source, ctx_dir / dest)
+            except OSError:  # another file system
+                shutil.copy2(source, ctx_dir / dest)
+        yield ctx_dir
+    finally:
+        if not keep:
+            shutil.rmtree(ctx_dir, ignore_errors=True)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -155,10 +205,21 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def checksum_path(path: Path) -> Path:
+    """``<file>.sha256`` next to ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def signature_files(checksum: Path) -> tuple[Path, ...]:
+    """The cosign blob signature and bundle of a `.sha256` file."""
+    return tuple(checksum.with_name(checksum.name + s) for s in BLOB_SIGNATURE_SUFFIXES)
+
+
 def write_checksum(path: Path) -> Path:
     """Write ``<file>.sha256`` in sha256sum format with the bare file name."""
     path = Path(path)
-    out = path.with_name(path.name + ".sha256")
+    out = checksum_path(path)
     write_text_atomic(out, f"{sha256_file(path)}  {path.name}\n")
     return out
 

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
-from doit.tools import config_changed
-
 from ..config import MmdebstrapBase
-from ..graph import Context, action
+from ..graph import Context, action, task
 from ..matrix import BaseSource
 from ..run import run, say
-from ..state import Paths, atomic_path, write_text_atomic
+from ..state import Paths, atomic_path, build_context, write_text_atomic
 from ..tools import docker
 
 STAGE_VERSION = 2
@@ -49,21 +46,14 @@ def bootstrap(paths: Paths, src: BaseSource) -> None:
 
 def seed(paths: Paths, src: BaseSource) -> None:
     """Import the rootfs tarball as an image with the right arch and push it."""
-    ctx_dir = paths.context_dir(f"seed-{src.ident}")
-    shutil.rmtree(ctx_dir, ignore_errors=True)
-    ctx_dir.mkdir(parents=True)
-    try:
-        os.link(paths.rootfs_tar(src.ident), ctx_dir / "rootfs.tar")
+    with build_context(paths, f"seed-{src.ident}", {"rootfs.tar": paths.rootfs_tar(src.ident)}) as ctx_dir:
         (ctx_dir / "Dockerfile").write_text(SEED_DOCKERFILE)
         cli = docker.find_build_cli()
-        iid = ctx_dir / "iid"
         # a FROM scratch build sets the image's arch from --platform (docker import cannot)
-        run(docker.build_argv(cli, ctx_dir, src.ref, f"linux/{src.arch}", iid), env=cli.env(),
+        run(docker.build_argv(cli, ctx_dir, src.ref, f"linux/{src.arch}", ctx_dir / "iid"), env=cli.env(),
             what=f"import {src.ident}")
         digest = docker.push(src.ref)
-        write_text_atomic(paths.seeded(src.ident), digest + "\n")
-    finally:
-        shutil.rmtree(ctx_dir, ignore_errors=True)
+    write_text_atomic(paths.seeded(src.ident), digest + "\n")
 
 
 def tasks(ctx: Context, kind: str):
@@ -77,24 +67,9 @@ def tasks(ctx: Context, kind: str):
         if kind == "bootstrap":
             key = json.dumps({"argv": mmdebstrap_argv(src.mmdebstrap, src.arch, Path("OUT")),
                               "epoch": source_date_epoch(), "stage": STAGE_VERSION}, sort_keys=True)
-            yield {
-                "name": src.ident,
-                "doc": f"mmdebstrap {src.mmdebstrap.suite} rootfs ({src.arch})",
-                "actions": [action(bootstrap, ctx.paths, src)],
-                "targets": [str(tar)],
-                "uptodate": [config_changed(key)],
-                "task_dep": ["preflight"],
-                "clean": True,
-                "verbosity": 2,
-            }
+            yield task(src.ident, f"mmdebstrap {src.mmdebstrap.suite} rootfs ({src.arch})",
+                       action(bootstrap, ctx.paths, src), targets=[tar], key=key, task_dep=["preflight"])
         else:
-            yield {
-                "name": src.ident,
-                "doc": f"import the {src.mmdebstrap.suite} rootfs and push it as {src.ref}",
-                "actions": [action(seed, ctx.paths, src)],
-                "file_dep": [str(tar)],
-                "targets": [str(ctx.paths.seeded(src.ident))],
-                "uptodate": [lambda ref=src.ref: docker.registry_has(ref)],
-                "clean": True,
-                "verbosity": 2,
-            }
+            yield task(src.ident, f"import the {src.mmdebstrap.suite} rootfs and push it as {src.ref}",
+                       action(seed, ctx.paths, src), file_dep=[tar], targets=[ctx.paths.seeded(src.ident)],
+                       uptodate=[lambda ref=src.ref: docker.registry_has(ref)])

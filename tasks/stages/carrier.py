@@ -5,15 +5,13 @@
 """
 from __future__ import annotations
 
-import os
 import shlex
-import shutil
 
 from .. import naming
-from ..graph import Context, action
+from ..graph import Context, action, task
 from ..matrix import Build
 from ..run import run, say
-from ..state import Paths, read_digest, write_text_atomic
+from ..state import Paths, build_context, checksum_path, read_digest, write_text_atomic
 from ..tools import docker
 
 
@@ -36,15 +34,8 @@ def carrier_ref(paths: Paths, b: Build) -> str:
 
 
 def carrier(paths: Paths, b: Build) -> None:
-    img = paths.artifact(b, ".img")
-    ctx_dir = paths.context_dir(f"carrier-{b.stem}")
-    shutil.rmtree(ctx_dir, ignore_errors=True)
-    ctx_dir.mkdir(parents=True)
-    try:
-        try:
-            os.link(img, ctx_dir / img.name)
-        except OSError:  # outputs on another file system
-            shutil.copy2(img, ctx_dir / img.name)
+    img, = paths.outputs_of(b, "raw")
+    with build_context(paths, f"carrier-{b.stem}", {img.name: img}) as ctx_dir:
         (ctx_dir / "Dockerfile").write_text(dockerfile(b))
         tag = naming.carrier_tag(b.image)
         cli = docker.find_build_cli()
@@ -52,22 +43,14 @@ def carrier(paths: Paths, b: Build) -> None:
         run(docker.build_argv(cli, ctx_dir, tag, b.platform, ctx_dir / "iid"), env=cli.env(),
             what=f"carrier image {tag}")
         digest = docker.push(tag)
-        write_text_atomic(paths.carrier(b), digest + "\n")
-    finally:
-        shutil.rmtree(ctx_dir, ignore_errors=True)
+    write_text_atomic(paths.carrier(b), digest + "\n")
 
 
 def tasks(ctx: Context):
     for b in ctx.builds:
         if "raw" not in b.kinds:
             continue
-        img = ctx.paths.artifact(b, ".img")
-        yield {
-            "name": b.stem,
-            "doc": f"push {img.name} as the OCI image {naming.carrier_tag(b.image)}",
-            "actions": [action(carrier, ctx.paths, b)],
-            "file_dep": [str(img) + ".sha256", str(ctx.paths.pushed(b))],
-            "targets": [str(ctx.paths.carrier(b))],
-            "clean": True,
-            "verbosity": 2,
-        }
+        img, = ctx.paths.outputs_of(b, "raw")
+        yield task(b.stem, f"push {img.name} as the OCI image {naming.carrier_tag(b.image)}",
+                   action(carrier, ctx.paths, b), file_dep=[checksum_path(img), ctx.paths.pushed(b)],
+                   targets=[ctx.paths.carrier(b)])

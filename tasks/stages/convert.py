@@ -19,13 +19,11 @@ import shlex
 import shutil
 from pathlib import Path
 
-from doit.tools import config_changed
-
 from .. import naming
-from ..graph import Context, action
+from ..graph import Context, action, task
 from ..matrix import Build
 from ..run import run, say
-from ..state import Paths, read_digest, safe_id, write_text_atomic
+from ..state import Paths, build_context, read_digest, safe_id, write_text_atomic
 from ..tools import docker
 from . import resolve
 
@@ -215,22 +213,20 @@ def convert(paths: Paths, b: Build) -> None:
         init_digest = read_digest(paths.pulled(ident, b.arch))
         resolve.ensure_local(b.flavor.kairos_init_image, init_digest, b.arch)
 
-    ctx_dir = paths.context_dir(b.stem)
-    shutil.rmtree(ctx_dir, ignore_errors=True)
-    ctx_dir.mkdir(parents=True)
-    (ctx_dir / "Dockerfile").write_text(dockerfile(b, base_digest, init_digest))
-    if b.flavor.overlay is not None:
-        shutil.copytree(b.flavor.overlay, ctx_dir / "overlay", symlinks=True)
-    if b.flavor.converter == "builtin":
-        (ctx_dir / "builtin-convert.sh").write_text(builtin_script(b))
-        (ctx_dir / "kairos-release").write_text(kairos_release(b))
-    cli = docker.find_build_cli()
-    iid = ctx_dir / "iid"
-    all_labels = dict(labels(b), **{"org.opencontainers.image.base.digest": base_digest})
-    say(f"    docker build ({b.flavor.converter}, {b.platform}) -> {b.image}")
-    run(docker.build_argv(cli, ctx_dir, b.image, b.platform, iid, all_labels), env=cli.env(), show=True,
-        what=f"convert {b.stem}")
-    image = docker.read_iidfile(iid)
+    with build_context(paths, b.stem, keep=True) as ctx_dir:  # kept: the Dockerfile that was built
+        (ctx_dir / "Dockerfile").write_text(dockerfile(b, base_digest, init_digest))
+        if b.flavor.overlay is not None:
+            shutil.copytree(b.flavor.overlay, ctx_dir / "overlay", symlinks=True)
+        if b.flavor.converter == "builtin":
+            (ctx_dir / "builtin-convert.sh").write_text(builtin_script(b))
+            (ctx_dir / "kairos-release").write_text(kairos_release(b))
+        cli = docker.find_build_cli()
+        iid = ctx_dir / "iid"
+        all_labels = dict(labels(b), **{"org.opencontainers.image.base.digest": base_digest})
+        say(f"    docker build ({b.flavor.converter}, {b.platform}) -> {b.image}")
+        run(docker.build_argv(cli, ctx_dir, b.image, b.platform, iid, all_labels), env=cli.env(), show=True,
+            what=f"convert {b.stem}")
+        image = docker.read_iidfile(iid)
     write_text_atomic(paths.image_id(b), image + "\n")
     say(f"    {b.image} = {image}")
 
@@ -238,9 +234,9 @@ def convert(paths: Paths, b: Build) -> None:
 def tasks(ctx: Context):
     for b in ctx.builds:
         files, listing = overlay_files(b.flavor.overlay)
-        deps = [str(ctx.paths.pulled(b.base.ident, b.arch))]
+        deps = [ctx.paths.pulled(b.base.ident, b.arch)]
         if b.flavor.converter == "kairos-init":
-            deps.append(str(ctx.paths.pulled(init_ident(b), b.arch)))
+            deps.append(ctx.paths.pulled(init_ident(b), b.arch))
         key = json.dumps({
             "dockerfile": dockerfile(b, DIGEST, DIGEST),
             "script": builtin_script(b) if b.flavor.converter == "builtin" else "",
@@ -248,13 +244,5 @@ def tasks(ctx: Context):
             "labels": labels(b), "platform": b.platform, "tag": b.image,
             "overlay": listing, "stage": STAGE_VERSION,
         }, sort_keys=True)
-        yield {
-            "name": b.stem,
-            "doc": f"convert {b.base.ref} ({b.platform}) with {b.flavor.converter} into {b.image}",
-            "actions": [action(convert, ctx.paths, b)],
-            "file_dep": deps + files,
-            "targets": [str(ctx.paths.image_id(b))],
-            "uptodate": [config_changed(key)],
-            "clean": True,
-            "verbosity": 2,
-        }
+        yield task(b.stem, f"convert {b.base.ref} ({b.platform}) with {b.flavor.converter} into {b.image}",
+                   action(convert, ctx.paths, b), file_dep=deps + files, targets=[ctx.paths.image_id(b)], key=key)

@@ -15,7 +15,7 @@ import tarfile
 from pathlib import Path
 
 from ..config import SquashfsOptions
-from ..graph import Context, action
+from ..graph import Context, action, task
 from ..matrix import Build
 from ..run import KairosError, run, say
 from ..state import Paths, atomic_path, clean_partials, partial_name, write_checksum
@@ -145,19 +145,11 @@ def squashfs(paths: Paths, b: Build, out: Path) -> None:
 
 
 def tasks(ctx: Context, kind: str):
-    suffix = {"kernel": "-kernel", "initrd": "-initrd", "squashfs": ".squashfs"}[kind]
     for b in ctx.builds:
         if kind not in b.kinds:
             continue
-        out = ctx.paths.artifact(b, suffix)
+        out, = ctx.paths.outputs_of(b, kind)
         act = action(squashfs, ctx.paths, b, out) if kind == "squashfs" else \
             action(extract_boot_file, ctx.paths, b, kind, out)
-        yield {
-            "name": b.stem,
-            "doc": f"{out.name} from {b.image}",
-            "actions": [act],
-            "file_dep": [str(ctx.paths.image_id(b)), str(ctx.paths.pushed(b))],
-            "targets": [str(out), str(out) + ".sha256"],
-            "clean": True,
-            "verbosity": 2,
-        }
+        yield task(b.stem, f"{out.name} from {b.image}", act,
+                   file_dep=[ctx.paths.image_id(b), ctx.paths.pushed(b)], targets=ctx.paths.targets_of(b, kind))

@@ -16,19 +16,15 @@ The script names the kernel, initrd and squashfs, so the task depends on their
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from doit.tools import config_changed
-
 from ..builders import native_ipxe
-from ..graph import Context, action, refused_task
+from ..graph import Context, action, refused_task, task
 from ..matrix import Build
 from ..run import say
-from ..state import Paths, atomic_path, clean_partials, partial_name, write_checksum
+from ..state import Paths, atomic_path, checksum_path, scratch_dir, write_checksum
 
 STAGE_VERSION = 1
-SUFFIXES = (".ipxe", "-ipxe.iso", "-ipxe-usb.img")
 DEFAULT_CONFIG_NAME = "config.yaml"
 
 
@@ -82,23 +78,8 @@ def key(b: Build) -> str:
     }, sort_keys=True)
 
 
-def tools(b: Build) -> dict[str, str]:
-    return {
-        "grub-mkrescue": "build the iPXE ISO",
-        "xorriso": "build the iPXE ISO (grub-mkrescue writes it with xorriso)",
-        "grub-mkimage": "build the boot loader of the iPXE USB image",
-        "sfdisk": "write the partition table of the iPXE USB image",
-        "mkfs.vfat": "make the FAT partition of the iPXE USB image",
-        "mcopy": "copy iPXE and its script into the iPXE USB image",
-    }
-
-
-def outputs(paths: Paths, b: Build) -> list[Path]:
-    return [paths.artifact(b, s) for s in SUFFIXES]
-
-
 def build(paths: Paths, b: Build) -> None:
-    script_out, iso_out, usb_out = outputs(paths, b)
+    script_out, iso_out, usb_out = paths.outputs_of(b, "ipxe")
     lkrn = native_ipxe.find_ipxe_lkrn()
     native_ipxe.check_grub_pc()
     text = ipxe_script(b.flavor.netboot_url, b.stem)
@@ -106,11 +87,7 @@ def build(paths: Paths, b: Build) -> None:
         tmp.write_text(text)
     write_checksum(script_out)
     say(f"    {script_out.name}: kernel, initrd and squashfs from {b.flavor.netboot_url}/")
-    work_base = paths.tmp_dir() / f"{b.stem}-ipxe"
-    clean_partials(work_base)
-    work = partial_name(work_base)
-    work.mkdir(parents=True)
-    try:
+    with scratch_dir(paths.tmp_dir(), f"{b.stem}-ipxe") as work:
         say(f"    grub-mkrescue -> {iso_out.name}")
         with atomic_path(iso_out) as tmp:
             native_ipxe.build_iso(tmp, work, script_out, lkrn, f"Kairos netboot (iPXE): {b.stem}")
@@ -121,29 +98,19 @@ def build(paths: Paths, b: Build) -> None:
             native_ipxe.build_usb(tmp, work, script_out, lkrn, b.stem)
         write_checksum(usb_out)
         say(f"    {usb_out.name}: {usb_out.stat().st_size} bytes")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
-def tasks(ctx: Context):
+def tasks(ctx: Context, kind: str):
     for b in ctx.builds:
-        if "ipxe" not in b.kinds:
+        if kind not in b.kinds:
             continue
-        outs = outputs(ctx.paths, b)
+        outs = ctx.paths.outputs_of(b, kind)
         why = problem(b)
         if why:
             yield refused_task(b.stem, f"{outs[0].name} and iPXE media", why)
             continue
-        deps = [str(ctx.paths.artifact(b, s)) + ".sha256" for s in ("-kernel", "-initrd", ".squashfs")]
+        deps = [checksum_path(p) for p in ctx.paths.boot_files(b)]
         # Debian's ipxe.lkrn is small: an ipxe package upgrade rebuilds the media
-        deps += [str(p) for p in native_ipxe.IPXE_LKRN_CANDIDATES if p.is_file()][:1]
-        yield {
-            "name": b.stem,
-            "doc": f"{outs[0].name}, {outs[1].name}, {outs[2].name}: iPXE netboot from {b.flavor.netboot_url}",
-            "actions": [action(build, ctx.paths, b)],
-            "file_dep": deps,
-            "targets": [str(o) for o in outs] + [str(o) + ".sha256" for o in outs],
-            "uptodate": [config_changed(key(b))],
-            "clean": True,
-            "verbosity": 2,
-        }
+        deps += [p for p in native_ipxe.IPXE_LKRN_CANDIDATES if p.is_file()][:1]
+        yield task(b.stem, f"{', '.join(o.name for o in outs)}: iPXE netboot from {b.flavor.netboot_url}",
+                   action(build, ctx.paths, b), file_dep=deps, targets=ctx.paths.targets_of(b, kind), key=key(b))

@@ -9,42 +9,24 @@ Two back ends, chosen by the flavor's `builder`:
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from doit.tools import config_changed
-
 from ..builders import auroraboot, native_iso
-from ..graph import Context, action
+from ..graph import Context, action, task
+from ..kinds import boot_file_names
 from ..matrix import Build
 from ..run import say
-from ..state import Paths, atomic_path, clean_partials, partial_name, write_checksum
+from ..state import Paths, atomic_path, checksum_path, scratch_dir, write_checksum
 from ..tools import docker
 from .push import ensure_image
 
 STAGE_VERSION = 1
-INPUTS = ("-kernel", "-initrd", ".squashfs")
 
 
 def title(b: Build) -> str:
     """Boot menu entry of the ISO (pure)."""
     f = b.flavor
     return f"Kairos {f.flavor} {f.release} {b.variant} {b.version}"
-
-
-def tools(b: Build) -> dict[str, str]:
-    """Programs the iso stage needs for ``b`` (preflight checks them)."""
-    if b.flavor.builder == "auroraboot":
-        return {"docker": "run the AuroraBoot container (builder: auroraboot)"}
-    return {
-        "grub-mkrescue": "build the BIOS+EFI bootable ISO",
-        "xorriso": "write the ISO image (grub-mkrescue calls it)",
-        "mformat": "build the ISO's EFI system image (grub-mkrescue calls it)",
-    }
-
-
-def inputs(paths: Paths, b: Build) -> list[Path]:
-    return [paths.artifact(b, s) for s in INPUTS]
 
 
 def native_supported(b: Build) -> bool:
@@ -59,7 +41,7 @@ def file_dep(paths: Paths, b: Build) -> list[str]:
         return [str(paths.image_id(b)), str(paths.pushed(b))]
     if not native_supported(b):
         return []
-    return [str(p) + ".sha256" for p in inputs(paths, b)]
+    return [str(checksum_path(p)) for p in paths.boot_files(b)]
 
 
 def key(b: Build) -> str:
@@ -69,7 +51,7 @@ def key(b: Build) -> str:
                            "argv": auroraboot.iso_argv(b.flavor.auroraboot_image, b.image, Path("OUT"),
                                                        Path("CC") if b.flavor.cloud_config else None),
                            "stage": STAGE_VERSION}, sort_keys=True)
-    kernel, initrd, squashfs = (Path(b.stem + s) for s in INPUTS)
+    kernel, initrd, squashfs = (Path(name) for name in boot_file_names(b.stem))
     return json.dumps({"builder": "native",
                        "grub.cfg": native_iso.grub_cfg(title(b), native_iso.kernel_cmdline()),
                        "argv": native_iso.mkrescue_argv(
@@ -79,17 +61,11 @@ def key(b: Build) -> str:
 
 
 def build_native(paths: Paths, b: Build, out: Path) -> None:
-    kernel, initrd, squashfs = inputs(paths, b)
+    kernel, initrd, squashfs = paths.boot_files(b)
     native_iso.check_arch(b.arch)
-    work = paths.tmp_dir() / f"{b.stem}-iso"
-    clean_partials(work)
-    work = partial_name(work)
-    try:
-        with atomic_path(out) as tmp:
-            native_iso.build_iso(tmp, kernel, initrd, squashfs, title(b), b.arch, work,
-                                 cloud_config=b.flavor.cloud_config)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with scratch_dir(paths.tmp_dir(), f"{b.stem}-iso") as work, atomic_path(out) as tmp:
+        native_iso.build_iso(tmp, kernel, initrd, squashfs, title(b), b.arch, work,
+                             cloud_config=b.flavor.cloud_config)
     write_checksum(out)
     say(f"    {out.name}: {out.stat().st_size} bytes")
 
@@ -107,24 +83,14 @@ def build(paths: Paths, b: Build, out: Path) -> None:
         build_native(paths, b, out)
 
 
-def output(paths: Paths, b: Build) -> Path:
-    return paths.artifact(b, ".iso")
-
-
-def tasks(ctx: Context):
+def tasks(ctx: Context, kind: str):
     for b in ctx.builds:
-        if "iso" not in b.kinds:
+        if kind not in b.kinds:
             continue
-        out = output(ctx.paths, b)
+        out, = ctx.paths.outputs_of(b, kind)
         source = "AuroraBoot" if b.flavor.builder == "auroraboot" else \
             "grub-mkrescue" if native_supported(b) else f"native builder: {b.arch} not supported yet"
-        yield {
-            "name": b.stem,
-            "doc": f"{out.name} ({source}, BIOS+EFI, volume {native_iso.VOLUME_ID})",
-            "actions": [action(build, ctx.paths, b, out)],
-            "file_dep": file_dep(ctx.paths, b) + ([str(b.flavor.cloud_config)] if b.flavor.cloud_config else []),
-            "targets": [str(out), str(out) + ".sha256"],
-            "uptodate": [config_changed(key(b))],
-            "clean": True,
-            "verbosity": 2,
-        }
+        yield task(b.stem, f"{out.name} ({source}, BIOS+EFI, volume {native_iso.VOLUME_ID})",
+                   action(build, ctx.paths, b, out),
+                   file_dep=file_dep(ctx.paths, b) + ([b.flavor.cloud_config] if b.flavor.cloud_config else []),
+                   targets=ctx.paths.targets_of(b, kind), key=key(b))

@@ -14,25 +14,15 @@ import subprocess
 from pathlib import Path
 
 from .. import naming
-from ..graph import Context, action
+from ..graph import Context, action, task
+from ..kinds import CHECKSUM_SUFFIX, KINDS, PROGRAMS
 from ..matrix import Build
-from ..state import Paths, read_digest, sha256_file, write_text_atomic
+from ..state import Paths, read_digest, sha256_file, signature_files, write_text_atomic
 from . import carrier, convert, sign
 
 # tool -> argv printing its version
-TOOL_VERSIONS = {
-    "docker": ["docker", "version", "--format", "{{.Server.Version}}"],
-    "mmdebstrap": ["mmdebstrap", "--version"],
-    "mksquashfs": ["mksquashfs", "-version"],
-    "grub-mkrescue": ["grub-mkrescue", "--version"],
-    "xorriso": ["xorriso", "-version"],
-    "syft": ["syft", "version"],
-    "trivy": ["trivy", "--version"],
-    "grype": ["grype", "version"],
-    "cosign": ["cosign", "version"],
-}
-REPORT_SUFFIXES = {"sbom": ("-sbom.spdx.json", "-sbom.syft.json"), "trivy": ("-trivy.json", "-trivy.sarif"),
-                   "grype": ("-grype.json", "-grype.sarif")}
+TOOL_VERSIONS = {name: list(p.version) for name, p in PROGRAMS.items() if p.version}
+MANIFEST_FILES = ("manifest.json", "SHA256SUMS", "RELEASE.md")  # per version, in outputs/<version>/
 
 
 def go_module_version(program: str) -> str | None:
@@ -71,16 +61,15 @@ def tool_version(argv: list[str]) -> str | None:
 
 
 def small_outputs(paths: Paths, b: Build) -> list[Path]:
-    """Files hashed directly (reports, SBOMs, signatures, provenance, .sha256 files)."""
-    out = []
-    for kind in b.kinds:
-        out += [paths.artifact(b, s) for s in REPORT_SUFFIXES.get(kind, ())]
-    shas = sign.checksum_files(paths, b)
+    """Files hashed directly: reports and SBOMs (kinds without checksums), the `.sha256`
+    files, and what the sign stage writes (provenance, blob signatures)."""
+    out = [p for kind in b.kinds if not KINDS[kind].checksummed for p in paths.outputs_of(b, kind)]
+    shas = paths.checksums(b)
     out += shas
     if "sign" in b.kinds:
-        out.append(paths.artifact(b, "-provenance.json"))
+        out += [paths.artifact(b, s) for s in KINDS["sign"].also_writes]
         for sha in shas:
-            out += list(sign.blob_sig(sha))
+            out += list(signature_files(sha))
     return out
 
 
@@ -96,19 +85,12 @@ def build_record(paths: Paths, b: Build) -> dict:
         init = {"ref": f.kairos_init_image,
                 "digest": read_digest(paths.resolved(convert.init_ident(b)))}
     files = []
-    for kind in b.kinds:
-        if kind not in naming.CHECKSUMMED:
-            continue
-        for name in naming.artifact_files(b.stem, kind):
-            if name.endswith(".sha256"):
-                continue
-            artifact = paths.version_dir(f.version) / name
-            sha_file = artifact.with_name(name + ".sha256")
-            record = file_record(artifact, sha_file.read_text().split()[0])
-            if "sign" in b.kinds:
-                sig, bundle = sign.blob_sig(sha_file)
-                record["signature"], record["bundle"] = sig.name, bundle.name
-            files.append(record)
+    for sha_file in paths.checksums(b):
+        artifact = sha_file.with_name(sha_file.name.removesuffix(CHECKSUM_SUFFIX))
+        record = file_record(artifact, sha_file.read_text().split()[0])
+        if "sign" in b.kinds:
+            record["signature"], record["bundle"] = (p.name for p in signature_files(sha_file))
+        files.append(record)
     files += [file_record(p) for p in small_outputs(paths, b)]
     return {
         "stem": b.stem,
@@ -171,13 +153,13 @@ def manifest(paths: Paths, version: str, builds: list[Build]) -> None:
     records = [build_record(paths, b) for b in builds]
     tools = {name: tool_version(argv) for name, argv in TOOL_VERSIONS.items()}
     doc = {"version": version, "builds": records, "tools": {k: v for k, v in tools.items() if v}}
-    out = paths.version_dir(version)
-    write_text_atomic(out / "manifest.json", json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    manifest_json, sums, release = (paths.version_dir(version) / name for name in MANIFEST_FILES)
+    write_text_atomic(manifest_json, json.dumps(doc, indent=2, sort_keys=True) + "\n")
     lines = sorted({f"{o['sha256']}  {o['name']}" for r in records for o in r["outputs"]},
                    key=lambda line: line.split("  ", 1)[1])
-    write_text_atomic(out / "SHA256SUMS", "\n".join(lines) + "\n")
+    write_text_atomic(sums, "\n".join(lines) + "\n")
     carriers = {f"{b.stem}.img": carrier.carrier_ref(paths, b) for b in builds if "raw" in b.kinds}
-    write_text_atomic(out / "RELEASE.md", release_notes(version, builds, records, carriers))
+    write_text_atomic(release, release_notes(version, builds, records, carriers))
 
 
 def tasks(ctx: Context):
@@ -185,20 +167,13 @@ def tasks(ctx: Context):
     for b in ctx.builds:
         by_version.setdefault(b.flavor.version, []).append(b)
     for version, builds in sorted(by_version.items()):
-        deps: list[str] = []
+        deps: list[Path] = []
         for b in builds:
-            deps += [str(ctx.paths.image_id(b)), str(ctx.paths.pushed(b))]
+            deps += [ctx.paths.image_id(b), ctx.paths.pushed(b)]
             if "raw" in b.kinds:
-                deps.append(str(ctx.paths.carrier(b)))
-            deps += [str(p) for p in small_outputs(ctx.paths, b)]
+                deps.append(ctx.paths.carrier(b))
+            deps += small_outputs(ctx.paths, b)
         out = ctx.paths.version_dir(version)
-        yield {
-            "name": version,
-            "doc": f"manifest.json, SHA256SUMS and RELEASE.md of {len(builds)} build(s) of {version}",
-            "actions": [action(manifest, ctx.paths, version, builds)],
-            "file_dep": deps,
-            "task_dep": [f"build:{b.stem}" for b in builds],
-            "targets": [str(out / "manifest.json"), str(out / "SHA256SUMS"), str(out / "RELEASE.md")],
-            "clean": True,
-            "verbosity": 2,
-        }
+        yield task(version, f"manifest.json, SHA256SUMS and RELEASE.md of {len(builds)} build(s) of {version}",
+                   action(manifest, ctx.paths, version, builds), file_dep=deps,
+                   targets=[out / name for name in MANIFEST_FILES], task_dep=[f"build:{b.stem}" for b in builds])

@@ -2,15 +2,10 @@
 from __future__ import annotations
 
 from ..graph import Context, action
+from ..kinds import KINDS
 from ..matrix import Build
 from ..run import UsageError, require_tool
 from ..tools import docker
-from . import ipxe, iso, raw, sbom, scan, sign
-
-# artifact kind -> stage module; a module's optional `tools(build)` returns
-# {program: what it is needed for}
-STAGES = {"iso": iso, "raw": raw, "ipxe": ipxe, "sbom": sbom, "trivy": scan, "grype": scan,
-          "sign": sign}
 
 
 def tools_needed(builds: tuple[Build, ...]) -> dict[str, str]:
@@ -19,12 +14,8 @@ def tools_needed(builds: tuple[Build, ...]) -> dict[str, str]:
     for b in builds:
         if b.base.mmdebstrap is not None:
             need["mmdebstrap"] = f"build the offline base rootfs of {b.flavor.path.name}"
-        if "squashfs" in b.kinds:
-            need["mksquashfs"] = "build the .squashfs root filesystem"
-            need["tar"] = "unpack the image root filesystem"
-        for kind, module in STAGES.items():
-            if kind in b.kinds and hasattr(module, "tools"):
-                need.update(module.tools(b))
+        for kind in b.kinds:
+            need.update(KINDS[kind].tools_for(b))
     return need
 
 

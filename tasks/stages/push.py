@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 from .. import naming
-from ..graph import Context, action
+from ..graph import Context, action, task
 from ..matrix import Build
 from ..run import KairosError
 from ..state import Paths, read_digest, write_text_atomic
@@ -38,12 +38,5 @@ def ensure_image(paths: Paths, b: Build) -> str:
 
 def tasks(ctx: Context):
     for b in ctx.builds:
-        yield {
-            "name": b.stem,
-            "doc": f"push {b.image}",
-            "actions": [action(push, ctx.paths, b)],
-            "file_dep": [str(ctx.paths.image_id(b))],
-            "targets": [str(ctx.paths.pushed(b))],
-            "clean": True,
-            "verbosity": 2,
-        }
+        yield task(b.stem, f"push {b.image}", action(push, ctx.paths, b), file_dep=[ctx.paths.image_id(b)],
+                   targets=[ctx.paths.pushed(b)])

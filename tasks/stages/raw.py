@@ -13,39 +13,19 @@ instead (tasks/builders/auroraboot.py); that task depends on the image digest fi
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from doit.tools import config_changed
 
 from ..builders import auroraboot, native_raw
-from ..graph import Context, action, refused_task
+from ..graph import Context, action, refused_task, task
 from ..matrix import Build
 from ..run import run, say
-from ..state import Paths, atomic_path, clean_partials, partial_name, write_checksum
+from ..state import Paths, atomic_path, checksum_path, scratch_dir, write_checksum
 from ..tools import docker
 from .push import ensure_image
 
 STAGE_VERSION = 1
 RPI_DEVICES = ("rpi3", "rpi4")
-
-
-def tools(b: Build) -> dict[str, str]:
-    """Programs the raw stage runs for ``b`` (preflight checks them)."""
-    if b.flavor.builder == "auroraboot":
-        return {"docker": "run the AuroraBoot container (builder: auroraboot)"}
-    need = {
-        "sfdisk": "write the partition table of the raw disk image",
-        "mkfs.vfat": "make the firmware/boot FAT partition of the raw disk image",
-        "mmd": "make directories in the FAT partition of the raw disk image",
-        "mcopy": "copy the firmware, kernel and initrd into the FAT partition",
-        "mkfs.ext4": "make the Kairos ext4 partitions of the raw disk image",
-    }
-    if b.device in RPI_DEVICES:
-        need["unsquashfs"] = "take the Raspberry Pi firmware and device trees out of the squashfs"
-    else:
-        need["grub-mkstandalone"] = "build the GRUB EFI loader of the generic raw disk image"
-    return need
 
 
 def unsquashfs_list_argv(squashfs: Path) -> list[str]:
@@ -86,14 +66,8 @@ def oem_files(b: Build) -> dict[str, Path]:
 
 
 def build_raw(paths: Paths, b: Build, out: Path) -> None:
-    kernel = paths.artifact(b, "-kernel")
-    initrd = paths.artifact(b, "-initrd")
-    squashfs = paths.artifact(b, ".squashfs")
-    work_base = paths.tmp_dir() / f"{b.stem}-raw"
-    clean_partials(work_base)
-    work = partial_name(work_base)
-    work.mkdir(parents=True)
-    try:
+    kernel, initrd, squashfs = paths.boot_files(b)
+    with scratch_dir(paths.tmp_dir(), f"{b.stem}-raw") as work:
         if b.device in RPI_DEVICES:
             firmware, dtbs = firmware_from_squashfs(squashfs, b.device, work / "rootfs")
             boot = native_raw.rpi_boot_files(work, b.device, kernel, initrd, firmware, dtbs)
@@ -103,10 +77,8 @@ def build_raw(paths: Paths, b: Build, out: Path) -> None:
             boot_type = "ef"
         with atomic_path(out) as tmp:
             native_raw.build_disk(tmp, work, b.stem, boot, squashfs, boot_type, oem_files(b))
-        write_checksum(out)
-        say(f"    {out.name}: {out.stat().st_size} bytes")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    write_checksum(out)
+    say(f"    {out.name}: {out.stat().st_size} bytes")
 
 
 def build_auroraboot(paths: Paths, b: Build, out: Path) -> None:
@@ -142,31 +114,22 @@ def key(b: Build) -> str:
     }, sort_keys=True)
 
 
-def tasks(ctx: Context):
+def tasks(ctx: Context, kind: str):
     for b in ctx.builds:
-        if "raw" not in b.kinds:
+        if kind not in b.kinds:
             continue
-        out = ctx.paths.artifact(b, ".img")
+        out, = ctx.paths.outputs_of(b, kind)
         why = problem(b)
         if why:
             yield refused_task(b.stem, out.name, why)
             continue
         if b.flavor.builder == "auroraboot":
-            deps = [str(ctx.paths.image_id(b)), str(ctx.paths.pushed(b))]
+            deps = [ctx.paths.image_id(b), ctx.paths.pushed(b)]
             act, how = action(build_auroraboot, ctx.paths, b, out), "AuroraBoot"
         else:
-            deps = [str(ctx.paths.artifact(b, s)) + ".sha256" for s in ("-kernel", "-initrd", ".squashfs")]
-            deps += [str(p) for p in oem_files(b).values()]
+            deps = [checksum_path(p) for p in ctx.paths.boot_files(b)] + list(oem_files(b).values())
             act = action(build_raw, ctx.paths, b, out)
             how = "MBR: " + ("firmware FAT" if b.device in RPI_DEVICES else "EFI system partition") + \
                 " + Kairos partitions"
-        yield {
-            "name": b.stem,
-            "doc": f"{out.name}: {b.device} raw disk image ({how})",
-            "actions": [act],
-            "file_dep": deps,
-            "targets": [str(out), str(out) + ".sha256"],
-            "uptodate": [config_changed(key(b))],
-            "clean": True,
-            "verbosity": 2,
-        }
+        yield task(b.stem, f"{out.name}: {b.device} raw disk image ({how})", act, file_dep=deps,
+                   targets=ctx.paths.targets_of(b, kind), key=key(b))

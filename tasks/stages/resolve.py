@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..config import parse_ref
 from .. import naming
-from ..graph import Context, action
+from ..graph import Context, action, task
 from ..run import KairosError
 from ..state import Paths, read_digest, safe_id, write_if_changed, write_text_atomic
 from ..tools import docker
@@ -54,27 +54,14 @@ def pull(paths: Paths, ident: str, ref: str, arch: str) -> None:
 
 def resolve_tasks(ctx: Context):
     for ident, (ref, _arches, seed) in sorted(refs(ctx).items()):
-        yield {
-            "name": ident,
-            "doc": f"look up the digest of {ref}",
-            "actions": [action(resolve, ctx.paths, ident, ref)],
-            "targets": [str(ctx.paths.resolved(ident))],
-            "uptodate": [False],
-            "task_dep": ["preflight"] + ([seed] if seed else []),
-            "clean": True,
-            "verbosity": 2,
-        }
+        yield task(ident, f"look up the digest of {ref}", action(resolve, ctx.paths, ident, ref),
+                   targets=[ctx.paths.resolved(ident)], uptodate=[False],
+                   task_dep=["preflight"] + ([seed] if seed else []))
 
 
 def pull_tasks(ctx: Context):
     for ident, (ref, arches, _seed) in sorted(refs(ctx).items()):
         for arch in sorted(arches):
-            yield {
-                "name": f"{ident}-{arch}",
-                "doc": f"pull {ref} by digest for linux/{arch}",
-                "actions": [action(pull, ctx.paths, ident, ref, arch)],
-                "file_dep": [str(ctx.paths.resolved(ident))],
-                "targets": [str(ctx.paths.pulled(ident, arch))],
-                "clean": True,
-                "verbosity": 2,
-            }
+            yield task(f"{ident}-{arch}", f"pull {ref} by digest for linux/{arch}",
+                       action(pull, ctx.paths, ident, ref, arch), file_dep=[ctx.paths.resolved(ident)],
+                       targets=[ctx.paths.pulled(ident, arch)])

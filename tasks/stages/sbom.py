@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..graph import Context, action
+from ..graph import Context, action, task
 from ..matrix import Build
 from ..run import run, say
 from ..state import Paths, atomic_path
@@ -21,32 +21,17 @@ def syft_argv(image: str, spdx: Path, syft_json: Path) -> list[str]:
     return ["syft", f"docker:{image}", "--quiet", "-o", f"spdx-json={spdx}", "-o", f"json={syft_json}"]
 
 
-def files(paths: Paths, b: Build) -> tuple[Path, Path]:
-    return paths.artifact(b, "-sbom.spdx.json"), paths.artifact(b, "-sbom.syft.json")
-
-
 def sbom(paths: Paths, b: Build) -> None:
     ensure_image(paths, b)
-    spdx, syft_json = files(paths, b)
+    spdx, syft_json = paths.outputs_of(b, "sbom")
     say(f"    syft docker:{b.image}")
     with atomic_path(spdx) as tmp_spdx, atomic_path(syft_json) as tmp_syft:
         run(syft_argv(b.image, tmp_spdx, tmp_syft), env=SYFT_ENV, what=f"syft {b.stem}")
 
 
-def tools(b: Build) -> dict[str, str]:
-    return {"syft": "write the SBOMs"}
-
-
-def tasks(ctx: Context):
+def tasks(ctx: Context, kind: str):
     for b in ctx.builds:
-        if "sbom" not in b.kinds:
+        if kind not in b.kinds:
             continue
-        yield {
-            "name": b.stem,
-            "doc": f"SPDX and syft SBOMs of {b.image}",
-            "actions": [action(sbom, ctx.paths, b)],
-            "file_dep": [str(ctx.paths.image_id(b)), str(ctx.paths.pushed(b))],
-            "targets": [str(p) for p in files(ctx.paths, b)],
-            "clean": True,
-            "verbosity": 2,
-        }
+        yield task(b.stem, f"SPDX and syft SBOMs of {b.image}", action(sbom, ctx.paths, b),
+                   file_dep=[ctx.paths.image_id(b), ctx.paths.pushed(b)], targets=ctx.paths.targets_of(b, kind))

@@ -14,10 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from doit.tools import config_changed
-
 from ..config import SEVERITIES, Flavor
-from ..graph import Context, action
+from ..graph import Context, action, task
 from ..matrix import Build
 from ..run import KairosError, UsageError, run, say
 from ..state import Paths, atomic_path
@@ -137,12 +135,18 @@ def trivy_cache(paths: Paths, flavor: Flavor) -> Path:
     return cache
 
 
+def report_files(paths: Paths, b: Build, kind: str) -> tuple[Path, Path]:
+    """The JSON and the SARIF report of ``kind`` for ``b``."""
+    by_format = {p.suffix: p for p in paths.outputs_of(b, kind)}
+    return by_format[".json"], by_format[".sarif"]
+
+
 def trivy(paths: Paths, b: Build) -> None:
     f = b.flavor
     if f.scan.vulnerabilities and f.scan.trivy_db is None and not f.scan.download_db:
         raise _no_db(f, "trivy")
     ensure_image(paths, b)
-    out_json, out_sarif = paths.artifact(b, "-trivy.json"), paths.artifact(b, "-trivy.sarif")
+    out_json, out_sarif = report_files(paths, b, "trivy")
     say(f"    trivy ({trivy_scanners(f)}) {b.image}")
     with atomic_path(out_json) as tmp_json, atomic_path(out_sarif) as tmp_sarif:
         run(trivy_argv(b.image, trivy_cache(paths, f), f, tmp_json), what=f"trivy {b.stem}")
@@ -157,7 +161,7 @@ def grype(paths: Paths, b: Build) -> None:
     if f.scan.grype_db is None and not f.scan.download_db:
         raise _no_db(f, "grype")
     ensure_image(paths, b)
-    out_json, out_sarif = paths.artifact(b, "-grype.json"), paths.artifact(b, "-grype.sarif")
+    out_json, out_sarif = report_files(paths, b, "grype")
     say(f"    grype {b.image}")
     with atomic_path(out_json) as tmp_json, atomic_path(out_sarif) as tmp_sarif:
         run(grype_argv(b.image, tmp_json, tmp_sarif), env=grype_env(f), what=f"grype {b.stem}")
@@ -176,17 +180,7 @@ def db_files(db: Path | None) -> list[str]:
     return sorted(str(p) for p in db.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def tools(b: Build) -> dict[str, str]:
-    need = {}
-    if "trivy" in b.kinds:
-        need["trivy"] = "scan the image with trivy"
-    if "grype" in b.kinds:
-        need["grype"] = "scan the image with grype"
-    return need
-
-
 def tasks(ctx: Context, kind: str):
-    suffixes = {"trivy": ("-trivy.json", "-trivy.sarif"), "grype": ("-grype.json", "-grype.sarif")}[kind]
     for b in ctx.builds:
         if kind not in b.kinds:
             continue
@@ -194,13 +188,7 @@ def tasks(ctx: Context, kind: str):
         db = f.scan.trivy_db if kind == "trivy" else f.scan.grype_db
         key = json.dumps({"scan": [f.scan.policy, f.scan.severity, f.scan.vulnerabilities, str(db),
                                    f.scan.download_db], "stage": STAGE_VERSION})
-        yield {
-            "name": b.stem,
-            "doc": f"{kind} reports of {b.image} (policy {f.scan.policy})",
-            "actions": [action(trivy if kind == "trivy" else grype, ctx.paths, b)],
-            "file_dep": [str(ctx.paths.image_id(b)), str(ctx.paths.pushed(b))] + db_files(db),
-            "targets": [str(ctx.paths.artifact(b, s)) for s in suffixes],
-            "uptodate": [config_changed(key)],
-            "clean": True,
-            "verbosity": 2,
-        }
+        yield task(b.stem, f"{kind} reports of {b.image} (policy {f.scan.policy})",
+                   action(trivy if kind == "trivy" else grype, ctx.paths, b),
+                   file_dep=[ctx.paths.image_id(b), ctx.paths.pushed(b)] + db_files(db),
+                   targets=ctx.paths.targets_of(b, kind), key=key)

@@ -21,14 +21,13 @@ import json
 import os
 from pathlib import Path
 
-from doit.tools import config_changed
-
 from .. import naming
 from ..config import Flavor
-from ..graph import Context, action
+from ..graph import Context, action, task
+from ..kinds import CHECKSUM_SUFFIX, PROVENANCE, SBOM_SPDX
 from ..matrix import Build
 from ..run import CommandError, KairosError, UsageError, run, say
-from ..state import Paths, atomic_path, read_digest, sha256_file, write_text_atomic
+from ..state import Paths, atomic_path, read_digest, sha256_file, signature_files, write_text_atomic
 from . import convert
 
 STAGE_VERSION = 1
@@ -85,20 +84,6 @@ def verify_attestation_argv(flavor: Flavor, ref: str, kind: str) -> list[str]:
 
 def verify_blob_argv(flavor: Flavor, blob: Path, sig: Path) -> list[str]:
     return ["cosign", "verify-blob", *verify_args(flavor), "--signature", str(sig), str(blob)]
-
-
-def checksum_files(paths: Paths, b: Build) -> list[Path]:
-    """Every `.sha256` this build's artifact stages write."""
-    out = []
-    for kind in b.kinds:
-        if kind in naming.CHECKSUMMED:
-            out += [paths.version_dir(b.flavor.version) / n for n in naming.artifact_files(b.stem, kind)
-                    if n.endswith(".sha256")]
-    return out
-
-
-def blob_sig(sha: Path) -> tuple[Path, Path]:
-    return sha.with_name(sha.name + ".sig"), sha.with_name(sha.name + ".bundle")
 
 
 def provenance(b: Build, deps: list[dict], started: str, finished: str) -> dict:
@@ -169,16 +154,16 @@ def sign(paths: Paths, b: Build) -> None:
     say(f"    cosign sign {ref}")
     run(sign_argv(f, ref), env=env, what=f"cosign sign {b.stem}")
     if "sbom" in b.kinds:
-        spdx = paths.artifact(b, "-sbom.spdx.json")
+        spdx = paths.artifact(b, SBOM_SPDX)
         say(f"    cosign attest --type spdxjson ({spdx.stat().st_size} bytes)")
         run(attest_argv(f, ref, spdx, "spdxjson"), env=env, what=f"cosign attest sbom {b.stem}")
-    prov = paths.artifact(b, "-provenance.json")
+    prov = paths.artifact(b, PROVENANCE)
     predicate = provenance(b, dependencies(paths, b), started,
                            datetime.datetime.now(datetime.timezone.utc).isoformat())
     write_text_atomic(prov, json.dumps(predicate, indent=2) + "\n")
     run(attest_argv(f, ref, prov, PROVENANCE_TYPE), env=env, what=f"cosign attest provenance {b.stem}")
-    for sha in checksum_files(paths, b):
-        sig, bundle = blob_sig(sha)
+    for sha in paths.checksums(b):
+        sig, bundle = signature_files(sha)
         with atomic_path(sig) as tmp_sig, atomic_path(bundle) as tmp_bundle:
             run(sign_blob_argv(f, sha, tmp_sig, tmp_bundle), env=env, what=f"cosign sign-blob {sha.name}")
     write_text_atomic(paths.signed(b), digest + "\n")
@@ -190,8 +175,8 @@ def verify(paths: Paths, b: Build) -> None:
     if not paths.signed(b).exists():
         raise KairosError(f"{b.stem} has not been signed yet: run `python3 -m doit sign:{b.stem}` first")
     problems = []
-    for sha in checksum_files(paths, b):
-        artifact = sha.with_name(sha.name[: -len(".sha256")])
+    for sha in paths.checksums(b):
+        artifact = sha.with_name(sha.name.removesuffix(CHECKSUM_SUFFIX))
         try:
             want, name = sha.read_text().split()
         except (OSError, ValueError):
@@ -201,7 +186,7 @@ def verify(paths: Paths, b: Build) -> None:
             problems.append(f"{artifact.name}: missing")
         elif name != artifact.name or sha256_file(artifact) != want:
             problems.append(f"{artifact.name}: does not match {sha.name}")
-        sig, _ = blob_sig(sha)
+        sig, _ = signature_files(sha)
         try:
             run(verify_blob_argv(f, sha, sig), what=f"verify {sha.name}")
         except CommandError:
@@ -220,50 +205,32 @@ def verify(paths: Paths, b: Build) -> None:
     if problems:
         raise KairosError(f"{len(problems)} problem(s) verifying {b.stem} with "
                           f"{public_key(f) or 'the keyless identity'}:\n" + "\n".join(f"  {p}" for p in problems))
-    say(f"    verified {b.stem}: {len(checksum_files(paths, b))} checksum(s) and blob signature(s), "
+    say(f"    verified {b.stem}: {len(paths.checksums(b))} checksum(s) and blob signature(s), "
         f"image signature, {len(checks) - 1} attestation(s)")
 
 
-def tools(b: Build) -> dict[str, str]:
-    return {"cosign": "sign images and artifacts"}
-
-
-def tasks(ctx: Context):
+def tasks(ctx: Context, kind: str):
     for b in ctx.builds:
-        if "sign" not in b.kinds:
+        if kind not in b.kinds:
             continue
         f = b.flavor
-        shas = checksum_files(ctx.paths, b)
-        deps = [str(ctx.paths.image_id(b)), str(ctx.paths.pushed(b))] + [str(s) for s in shas]
+        shas = ctx.paths.checksums(b)
+        deps = [ctx.paths.image_id(b), ctx.paths.pushed(b)] + shas
         if "sbom" in b.kinds:
-            deps.append(str(ctx.paths.artifact(b, "-sbom.spdx.json")))
+            deps.append(ctx.paths.artifact(b, SBOM_SPDX))
         if f.sign.key is not None:
-            deps += [str(f.sign.key), str(f.sign.key.with_suffix(".pub"))]
+            deps += [f.sign.key, f.sign.key.with_suffix(".pub")]
         key = json.dumps({"key": str(f.sign.key), "keyless": f.sign.keyless, "stage": STAGE_VERSION})
-        targets = [str(ctx.paths.signed(b)), str(ctx.paths.artifact(b, "-provenance.json"))]
-        for sha in shas:
-            targets += [str(p) for p in blob_sig(sha)]
-        yield {
-            "name": b.stem,
-            "doc": f"cosign: sign {b.image}, attest SBOM and provenance, sign-blob every .sha256",
-            "actions": [action(sign, ctx.paths, b)],
-            "file_dep": deps,
-            "targets": targets,
-            "uptodate": [config_changed(key)],
-            "clean": True,
-            "verbosity": 2,
-        }
+        targets = [ctx.paths.signed(b), ctx.paths.artifact(b, PROVENANCE)]
+        targets += [p for sha in shas for p in signature_files(sha)]
+        yield task(b.stem, f"cosign: sign {b.image}, attest SBOM and provenance, sign-blob every .sha256",
+                   action(sign, ctx.paths, b), file_dep=deps, targets=targets, key=key)
 
 
 def verify_tasks(ctx: Context):
     for b in ctx.builds:
         if "sign" not in b.kinds:
             continue
-        yield {
-            "name": b.stem,
-            "doc": f"verify checksums, blob signatures, image signature and attestations of {b.stem}",
-            "actions": [action(verify, ctx.paths, b)],
-            # no dependency on sign: verifying must never re-sign what changed
-            "uptodate": [False],
-            "verbosity": 2,
-        }
+        # no dependency on sign: verifying must never re-sign what changed
+        yield task(b.stem, f"verify checksums, blob signatures, image signature and attestations of {b.stem}",
+                   action(verify, ctx.paths, b), uptodate=[False], clean=[])

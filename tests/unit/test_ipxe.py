@@ -98,13 +98,12 @@ def test_key_changes_with_url_and_stem(make_build):
     assert parsed["stage"] == ipxe.STAGE_VERSION and "dhcp" in parsed["script"]
 
 
-def test_tools_are_programs_with_known_providers():
-    from tasks.run import PROVIDERS
-    need = ipxe.tools(None)
+def test_tools_are_programs_with_known_providers(make_build):
+    from tasks.kinds import KINDS, PROGRAMS
+    need = KINDS["ipxe"].tools_for(make_build(artifacts=("ipxe",), netboot_url=URL))
     assert set(need) == {"grub-mkrescue", "xorriso", "grub-mkimage", "sfdisk", "mkfs.vfat", "mcopy"}
     assert all(purpose for purpose in need.values())
-    # every one but grub-mkimage is in the providers table (see the final report)
-    assert set(need) - set(PROVIDERS) <= {"grub-mkimage"}
+    assert set(need) <= set(PROGRAMS)
 
 
 def test_tasks_shape(make_build, tmp_path):
@@ -114,7 +113,7 @@ def test_tasks_shape(make_build, tmp_path):
     none = make_build(artifacts=("kernel",), flavor="third")
     paths = Paths(tmp_path / "state", tmp_path / "out")
     ctx = Context(root=tmp_path, paths=paths, flavors=(good.flavor, bad.flavor), builds=(good, bad, none))
-    tasks = {t["name"]: t for t in ipxe.tasks(ctx)}
+    tasks = {t["name"]: t for t in ipxe.tasks(ctx, "ipxe")}
     assert set(tasks) == {good.stem, bad.stem}
     t = tasks[good.stem]
     out = tmp_path / "out" / "v3.1.0"

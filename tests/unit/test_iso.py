@@ -9,6 +9,7 @@ import pytest
 from tasks.builders import native_iso
 from tasks.builders.native_iso import (check_arch, graft, grub_cfg, kernel_cmdline, mkrescue_argv)
 from tasks.graph import Context
+from tasks.kinds import KINDS
 from tasks.run import UsageError
 from tasks.stages import iso, preflight
 from tasks.state import Paths
@@ -120,8 +121,8 @@ PATHS = Paths(Path("/state"), Path("/out"))
 
 
 def test_tools_by_builder(make_build):
-    assert set(iso.tools(make_build())) == {"grub-mkrescue", "xorriso", "mformat"}
-    assert set(iso.tools(make_build(builder="auroraboot"))) == {"docker"}
+    assert set(KINDS["iso"].tools_for(make_build())) == {"grub-mkrescue", "xorriso", "mformat"}
+    assert set(KINDS["iso"].tools_for(make_build(builder="auroraboot"))) == {"docker"}
 
 
 def test_preflight_asks_for_the_iso_tools(make_build):
@@ -163,12 +164,13 @@ def test_tasks(make_build, make_flavor):
     generic = make_build(artifacts=("kernel", "initrd", "squashfs", "iso"))
     rpi = make_build(arch="arm64", device="rpi4", artifacts=("iso", "raw"))
     ctx = Context(root=Path("/r"), paths=PATHS, flavors=(generic.flavor, rpi.flavor), builds=(generic, rpi))
-    tasks = list(iso.tasks(ctx))
+    tasks = list(iso.tasks(ctx, "iso"))
     assert [t["name"] for t in tasks] == [STEM]       # ISOs for generic devices only
     t = tasks[0]
     assert t["targets"] == [f"/out/v3.1.0/{STEM}.iso", f"/out/v3.1.0/{STEM}.iso.sha256"]
     assert t["file_dep"] == iso.file_dep(PATHS, generic)
-    assert t["clean"] is True and t["verbosity"] == 2 and len(t["uptodate"]) == 1
+    assert t["clean"] is True and len(t["uptodate"]) == 1
+    assert "verbosity" not in t  # DOIT_CONFIG's verbosity 2 applies to every task
     assert "COS_LIVE" in t["doc"]
 
 
@@ -176,7 +178,7 @@ def test_native_arm64_depends_on_nothing_so_it_fails_at_once(make_build):
     b = make_build(arch="arm64", artifacts=("kernel", "initrd", "squashfs", "iso"))
     assert iso.file_dep(PATHS, b) == []
     ctx = Context(root=Path("/r"), paths=PATHS, flavors=(b.flavor,), builds=(b,))
-    (t,) = iso.tasks(ctx)
+    (t,) = iso.tasks(ctx, "iso")
     assert "arm64 not supported yet" in t["doc"]
     b = make_build(arch="arm64", builder="auroraboot", artifacts=("iso",))
     assert iso.file_dep(PATHS, b) == [f"/state/image/{b.stem}.digest", f"/state/pushed/{b.stem}.digest"]
@@ -186,7 +188,7 @@ def test_native_arm64_fails_clearly_before_work(make_build, tmp_path):
     b = make_build(arch="arm64", artifacts=("iso",))
     paths = Paths(tmp_path / "state", tmp_path / "out")
     with pytest.raises(UsageError, match="arm64"):
-        iso.build(paths, b, iso.output(paths, b))
+        iso.build(paths, b, paths.artifact(b, ".iso"))
     assert not (tmp_path / "out").exists()
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from tasks.builders import native_raw as n
 from tasks.config import BuiltinOptions
+from tasks.kinds import KINDS
 from tasks.run import KairosError, run
 from tasks.stages import preflight, raw
 from tasks.stages.convert import builtin_script
@@ -219,9 +220,9 @@ def test_tools_are_known_to_preflight(make_build):
     for tool in ("sfdisk", "mkfs.vfat", "mcopy", "mkfs.ext4", "unsquashfs"):
         assert tool in need
     assert "grub-mkstandalone" not in need
-    assert raw.tools(make_build(arch="arm64", device="rpi4", builder="auroraboot", **RPI)) == {
+    assert KINDS["raw"].tools_for(make_build(arch="arm64", device="rpi4", builder="auroraboot", **RPI)) == {
         "docker": "run the AuroraBoot container (builder: auroraboot)"}
-    generic = raw.tools(make_build(arch="amd64", device="generic", raw_generic=True, **RPI))
+    generic = KINDS["raw"].tools_for(make_build(arch="amd64", device="generic", raw_generic=True, **RPI))
     assert "grub-mkstandalone" in generic and "unsquashfs" not in generic
 
 
@@ -230,7 +231,7 @@ def test_auroraboot_task_depends_on_the_image(make_build, tmp_path):
     from tasks.state import Paths
     b = make_build(arch="arm64", device="rpi4", builder="auroraboot", **RPI)
     ctx = Context(root=tmp_path, paths=Paths(tmp_path / "state", tmp_path / "out"), flavors=(b.flavor,), builds=(b,))
-    (task,) = list(raw.tasks(ctx))
+    (task,) = list(raw.tasks(ctx, "raw"))
     assert task["file_dep"] == [str(tmp_path / "state/image" / f"{b.stem}.digest"),
                                 str(tmp_path / "state/pushed" / f"{b.stem}.digest")]
     assert task["targets"] == [str(tmp_path / "out/v3.1.0" / f"{b.stem}.img"),
@@ -239,7 +240,7 @@ def test_auroraboot_task_depends_on_the_image(make_build, tmp_path):
     native = make_build(arch="arm64", device="rpi4", **RPI)
     ctx = Context(root=tmp_path, paths=Paths(tmp_path / "state", tmp_path / "out"), flavors=(native.flavor,),
                   builds=(native,))
-    (task,) = list(raw.tasks(ctx))
+    (task,) = list(raw.tasks(ctx, "raw"))
     assert task["file_dep"] == [str(tmp_path / "out/v3.1.0" / f"{native.stem}{s}.sha256")
                                 for s in ("-kernel", "-initrd", ".squashfs")]
 

