@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 from . import k3s, naming
-from .config import ARTIFACT_KINDS, ConfigError, load_flavors
+from .config import ConfigError, load_flavors
 from .graph import flavor_sources, select_builds
+from .kinds import ARTIFACT_KINDS, KINDS
 from .matrix import Build
 from .state import Paths, read_digest, safe_id
 
@@ -74,7 +75,7 @@ def render_markdown(builds: list[Build]) -> str:
         f = flavor_builds[0].flavor
         out += ["", f"## {f.flavor} {f.release}", "", "| Image | Artifacts |", "|---|---|"]
         for b in flavor_builds:
-            names = [n for names in b.files().values() for n in names if not n.endswith(".sha256")]
+            names = [b.stem + suffix for kind in b.kinds for suffix in KINDS[kind].suffixes]
             out.append(f"| `{b.image}` | {'<br>'.join(f'`{n}`' for n in names) or '(image only)'} |")
     return "\n".join(out) + "\n"
 

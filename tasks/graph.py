@@ -1,5 +1,6 @@
-"""Glue between the flavor matrix and doit: context, action guard, reporter,
-doit configuration and the list of stage task creators.
+"""Glue between the flavor matrix and doit: the context, the task-dict helper, the action
+guard, the task creator of each artifact kind (dodo.py lists the other stages), the reporter
+and the doit configuration.
 
 Loading never contacts Docker or a registry: it reads flavor files and lists
 overlay directories, nothing else.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..builders import auroraboot, native_iso
 from ..graph import Context, action, task
-from ..kinds import boot_file_names
+from ..kinds import KINDS, boot_file_names
 from ..matrix import Build
 from ..run import say
 from ..state import Paths, atomic_path, checksum_path, scratch_dir, write_checksum
@@ -55,7 +55,7 @@ def key(b: Build) -> str:
     return json.dumps({"builder": "native",
                        "grub.cfg": native_iso.grub_cfg(title(b), native_iso.kernel_cmdline()),
                        "argv": native_iso.mkrescue_argv(
-                           Path(b.stem + ".iso"), Path("grub.cfg"), kernel, initrd, squashfs,
+                           Path(KINDS["iso"].files(b.stem)[0]), Path("grub.cfg"), kernel, initrd, squashfs,
                            cloud_config=Path("cloud-config.yaml") if b.flavor.cloud_config else None),
                        "stage": STAGE_VERSION}, sort_keys=True)
 
