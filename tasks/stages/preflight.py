@@ -43,5 +43,4 @@ def task(ctx: Context) -> dict:
     return {
         "actions": [action(check, ctx.builds)],
         "uptodate": [False],
-        "verbosity": 2,
     }
