@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 
 from ..run import CommandError, KairosError, UsageError, require_tool, run, say
-from ..state import atomic_path, clean_partials, partial_name, write_checksum
+from ..state import atomic_path, scratch_dir, write_checksum
 
 DOCKER_SOCK = "/var/run/docker.sock"
 OUTPUT = "/output"
@@ -138,13 +138,6 @@ def ensure_auroraboot(ref: str) -> None:
             "or use `builder: native`") from None
 
 
-def _scratch(out: Path) -> Path:
-    scratch = partial_name(out.with_name(out.name + ".auroraboot"))
-    clean_partials(out.with_name(out.name + ".auroraboot"))
-    scratch.mkdir(parents=True)
-    return scratch
-
-
 def _listing(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
@@ -166,15 +159,12 @@ def _build_one(auroraboot_image: str, out: Path, kind: str, what: str, source: s
     out = Path(out)
     socket = daemon_socket()
     ensure_auroraboot(auroraboot_image)
-    scratch = _scratch(out)
-    try:
+    with scratch_dir(out.parent, f"{out.name}.auroraboot") as scratch:
         say(f"    {what} {source}")
         _run_container(make_argv(scratch, socket), f"{what} {out.name}")
         found = pick_output(_listing(scratch), kind)
         say(f"    AuroraBoot wrote {found}; renaming to {out.name}")
         _move_into_place(scratch / found, out)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def build_iso(auroraboot_image: str, image: str, out: Path, cloud_config: Path | None = None) -> None:
@@ -194,9 +184,8 @@ def netboot(auroraboot_image: str, iso: Path, out_dir: Path, stem: str) -> list[
     out_dir = Path(out_dir)
     socket = daemon_socket()
     ensure_auroraboot(auroraboot_image)
-    scratch = _scratch(out_dir / f"{stem}-netboot")
     written = []
-    try:
+    with scratch_dir(out_dir, f"{stem}-netboot.auroraboot") as scratch:
         say(f"    AuroraBoot netboot {Path(iso).name}")
         _run_container(netboot_argv(auroraboot_image, iso, scratch, stem, socket=socket),
                        f"AuroraBoot netboot {Path(iso).name}")
@@ -208,6 +197,4 @@ def netboot(auroraboot_image: str, iso: Path, out_dir: Path, stem: str) -> list[
             target = out_dir / (stem + suffix)
             _move_into_place(scratch / produced, target)
             written.append(target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return written
