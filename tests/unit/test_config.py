@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks import config, model
 from tasks.config import (BuiltinOptions, ConfigError, Flavor, MmdebstrapBase, ScanOptions, SignOptions,
                           SquashfsOptions, load_flavors, parse_ref)
 
@@ -188,7 +189,7 @@ ERROR_CASES = [
       for key in ("flavor", "release", "registry", "version", "variants", "arches", "devices", "artifacts",
                   "base_image")],
     pytest.param(doc(base_image={"mmdebstrap": {"arch": "amd64"}}, **BUILTIN), "base_image.mmdebstrap.suite",
-                 "missing required key", None, id="missing-mmdebstrap-suite"),
+                 "missing required key", "mmdebstrap:", id="missing-mmdebstrap-suite"),
     # wrong types
     pytest.param(swap(doc(), "release: '24.04'", "release: 24.04"), "release",
                  'must be a string, got number 24.04; quote it, e.g. "24.04"', "release:", id="release-number"),
@@ -234,6 +235,9 @@ ERROR_CASES = [
                  "base_image.mmdebstrap.arch", "unknown arch 'riscv64'", "riscv64", id="mmdebstrap-arch"),
     pytest.param(doc(builtin={"initramfs_modules": "all"}, **BUILTIN), "builtin.initramfs_modules",
                  "unknown value 'all'", "initramfs_modules", id="initramfs-modules"),
+    pytest.param(doc(base_image={"mmdebstrap": {"suite": "bookworm", "variant": "tiny"}}, **BUILTIN),
+                 "base_image.mmdebstrap.variant", "unknown mmdebstrap variant 'tiny' (allowed: minbase, buildd,",
+                 "tiny", id="mmdebstrap-variant"),
     # duplicate list entries
     *[pytest.param(doc(**{key: items}), f"{key}[1]", f"duplicate value {items[1]!r}", f"{key}:",
                    id=f"duplicate-{key}")
@@ -252,7 +256,7 @@ ERROR_CASES = [
     pytest.param(doc(kairos_init_image=DROP), "kairos_init_image", "required when converter is kairos-init",
                  None, id="kairos-init-without-image"),
     pytest.param(doc(converter="kairos-init", kairos_init_image=DROP), "kairos_init_image",
-                 "required when converter is kairos-init", None, id="explicit-kairos-init-without-image"),
+                 "required when converter is kairos-init", "converter:", id="explicit-kairos-init-without-image"),
     pytest.param(doc(kairos_init_image="quay.io/kairos/kairos-init"), "kairos_init_image",
                  "'quay.io/kairos/kairos-init' must be pinned to a tag or digest", "kairos_init_image:",
                  id="kairos-init-image-unpinned"),
@@ -277,7 +281,7 @@ ERROR_CASES = [
                  "builder:", id="unknown-builder"),
     pytest.param(doc(auroraboot_image="Not A Ref"), "auroraboot_image", "invalid value 'Not A Ref'",
                  "auroraboot_image:", id="auroraboot-image-not-a-ref"),
-    pytest.param(doc(artifacts=["ipxe"]), "netboot_url", "required when artifacts lists ipxe", None,
+    pytest.param(doc(artifacts=["ipxe"]), "netboot_url", "required when artifacts lists ipxe", "artifacts:",
                  id="ipxe-without-netboot-url"),
     pytest.param(doc(artifacts=["ipxe"], netboot_url="ftp://host/x"), "netboot_url", "invalid value 'ftp://host/x'",
                  "netboot_url:", id="netboot-url-not-http"),
@@ -291,7 +295,7 @@ ERROR_CASES = [
                  "grype only scans vulnerabilities", "artifacts:", id="grype-without-vulnerabilities"),
     pytest.param(doc(scan="yes"), "scan", "must be a mapping", "scan:", id="scan-not-mapping"),
     pytest.param(doc(scan={"foo": 1}), "scan.foo", "unknown key", "foo:", id="scan-unknown-key"),
-    pytest.param(doc(artifacts=["sign"]), "sign.key", "required when artifacts lists sign", None,
+    pytest.param(doc(artifacts=["sign"]), "sign.key", "required when artifacts lists sign", "artifacts:",
                  id="sign-without-key"),
     pytest.param(doc(artifacts=["sign"], sign={"key": "nope.key"}), "sign.key", "file 'nope.key' does not exist",
                  "key:", id="sign-key-missing"),
@@ -317,10 +321,9 @@ def test_config_error_names_file_line_key_and_problem(write_flavor, text, keypat
     assert all(p.startswith(f"{path}:") for p in problems), problems
     hits = [p for p in problems if message in p and (keypath is None or f" {keypath}: " in p)]
     assert hits, f"no problem with {keypath!r} and {message!r} in {problems}"
-    if at is not None:
-        line = line_of(text, at)
-        prefix = f"{path}:{line}: " + (f"{keypath}: " if keypath else "")
-        assert any(p.startswith(prefix) for p in hits), f"expected {prefix!r} in {hits}"
+    # the line of ``at``; without one, the problem has no line (a missing top-level key, a bad file)
+    prefix = (f"{path}:{line_of(text, at)}: " if at is not None else f"{path}: ") + (f"{keypath}: " if keypath else "")
+    assert any(p.startswith(prefix) for p in hits), f"expected {prefix!r} in {hits}"
 
 
 def test_all_problems_of_one_file_are_reported(write_flavor):
@@ -424,14 +427,129 @@ def test_k3s_versions_by_policy(write_flavor, tmp_path):
     assert f.k3s_versions == ("v1.28.3+k3s1", "v1.29.2+k3s1", "v1.30.0+k3s1")
 
 
-@pytest.mark.parametrize("changes, keypath, message", [
-    (dict(k3s_versions="policy"), "k3s_policy", "required with k3s_versions: policy"),
+@pytest.mark.parametrize("changes, keypath, message, at", [
+    (dict(k3s_versions="policy"), "k3s_policy", "required with k3s_versions: policy", "k3s_versions:"),
+    (dict(k3s_versions="policy", k3s_policy={}), "k3s_policy", "required with k3s_versions: policy",
+     "k3s_policy:"),
     (dict(k3s_versions="policy", k3s_policy={"current": ["v1.27.3+k3s1"], "available": "nope.txt"}),
-     "k3s_policy.available", "file 'nope.txt' does not exist"),
+     "k3s_policy.available", "file 'nope.txt' does not exist", "available:"),
     (dict(k3s_versions=["v1.28.2+k3s1"], k3s_policy={"current": []}), "k3s_policy",
-     "only used with k3s_versions: policy"),
+     "only used with k3s_versions: policy", "k3s_policy:"),
 ])
-def test_k3s_policy_errors(write_flavor, changes, keypath, message):
-    path = write_flavor("f.yaml", doc(variants=["core", "standard"], **changes))
+def test_k3s_policy_errors(write_flavor, changes, keypath, message, at):
+    text = doc(variants=["core", "standard"], **changes)
+    path = write_flavor("f.yaml", text)
     problems = problems_of([path])
-    assert any(f" {keypath}: " in p and message in p for p in problems), problems
+    prefix = f"{path}:{line_of(text, at)}: {keypath}: "
+    assert any(p.startswith(prefix) and message in p for p in problems), (prefix, problems)
+
+
+# --- the messages that point at the most relevant line, exactly ---------------------
+
+@pytest.mark.parametrize("changes, at, problem", [
+    (dict(artifacts=["sign"]), "artifacts:", "sign.key: required when artifacts lists sign (a cosign.key made by "
+     "`cosign generate-key-pair`), or set sign.keyless: true"),
+    (dict(artifacts=["ipxe"]), "artifacts:", "netboot_url: required when artifacts lists ipxe (the http(s) URL "
+     "where <stem>-kernel, -initrd and .squashfs will be served)"),
+    (dict(converter="kairos-init", kairos_init_image=DROP), "converter:",
+     "kairos_init_image: required when converter is kairos-init (e.g. quay.io/kairos/kairos-init:v4.3.0)"),
+    # the default converter: like a missing required key, no line
+    (dict(kairos_init_image=DROP), None,
+     "kairos_init_image: required when converter is kairos-init (e.g. quay.io/kairos/kairos-init:v4.3.0)"),
+    (dict(k3s_versions="policy"), "k3s_versions:",
+     "k3s_policy: required with k3s_versions: policy: {current: [...], available: FILE}"),
+    (dict(k3s_versions="policy", k3s_policy={"available": "k3s.txt"}), "k3s_policy:",
+     "k3s_policy.current: missing required key"),
+    (dict(base_image={"mmdebstrap": {"arch": "amd64"}}, **BUILTIN), "mmdebstrap:",
+     "base_image.mmdebstrap.suite: missing required key"),
+    (dict(registry=DROP), None, "registry: missing required key"),
+])
+def test_problem_names_the_most_relevant_line(write_flavor, changes, at, problem):
+    write_flavor("k3s.txt", "v1.28.3+k3s1\n")
+    text = doc(**changes)
+    path = write_flavor("f.yaml", text)
+    where = f"{path}:{line_of(text, at)}" if at else f"{path}"
+    assert problems_of([path]) == [f"{where}: {problem}"]
+
+
+# --- enumerations: one check, one message form --------------------------------------
+
+@pytest.mark.parametrize("changes, at, problem", [
+    (dict(converter="magic"), "converter:", "converter: unknown converter 'magic' (allowed: kairos-init, builtin)"),
+    (dict(builder="mkosi"), "builder:", "builder: unknown builder 'mkosi' (allowed: native, auroraboot)"),
+    (dict(scan={"policy": "strict"}), "policy:", "scan.policy: unknown policy 'strict' (allowed: report-only, enforce)"),
+    (dict(scan={"severity": "high"}), "severity:",
+     "scan.severity: unknown severity 'high' (allowed: UNKNOWN, LOW, MEDIUM, HIGH, CRITICAL)"),
+    (dict(squashfs={"compression": "bzip2"}), "compression:",
+     "squashfs.compression: unknown compressor 'bzip2' (allowed: gzip, xz, zstd, lz4, lzo)"),
+    (dict(builtin={"initramfs_modules": "all"}, **BUILTIN), "initramfs_modules:",
+     "builtin.initramfs_modules: unknown value 'all' (allowed: most, dep, list, netboot)"),
+    (dict(base_image={"mmdebstrap": {"suite": "bookworm", "arch": "riscv64"}}, **BUILTIN), "riscv64",
+     "base_image.mmdebstrap.arch: unknown arch 'riscv64' (allowed: amd64, arm64)"),
+    (dict(base_image={"mmdebstrap": {"suite": "bookworm", "variant": "tiny"}}, **BUILTIN), "tiny",
+     "base_image.mmdebstrap.variant: unknown mmdebstrap variant 'tiny' "
+     "(allowed: minbase, buildd, required, important, standard, apt, essential)"),
+    # not a string: that is the one problem (no "unknown policy None" after it)
+    (dict(scan={"policy": 5}), "policy:", 'scan.policy: must be a string, got number 5; quote it, e.g. "5"'),
+    (dict(squashfs={"compression": None}), "compression:", "squashfs.compression: must be a string, got null"),
+])
+def test_unknown_enumeration_value(write_flavor, changes, at, problem):
+    text = doc(**changes)
+    path = write_flavor("f.yaml", text)
+    assert problems_of([path]) == [f"{path}:{line_of(text, at)}: {problem}"]
+
+
+# --- tables: keys are the dataclass fields, defaults are the dataclass defaults ------
+
+SECTION_TABLES = [(config.BUILTIN, BuiltinOptions), (config.SQUASHFS, SquashfsOptions), (config.SCAN, ScanOptions),
+                  (config.SIGN, SignOptions), (config.MMDEBSTRAP, MmdebstrapBase)]
+
+
+@pytest.mark.parametrize("table, cls", SECTION_TABLES, ids=lambda x: getattr(x, "__name__", ""))
+def test_each_section_table_checks_exactly_the_fields_of_its_dataclass(table, cls):
+    assert tuple(table) == tuple(f.name for f in dataclasses.fields(cls))
+
+
+def test_top_keys_are_the_flavor_fields_and_k3s_policy():
+    assert tuple(config.TOP) == tuple(f.name for f in dataclasses.fields(Flavor) if f.name != "path")
+    assert config.TOP_KEYS == (*config.TOP, "k3s_policy")
+
+
+@pytest.mark.parametrize("changes, attr, default", [
+    ({}, "builtin", BuiltinOptions()),
+    (dict(builtin={}, **BUILTIN), "builtin", BuiltinOptions()),
+    ({}, "squashfs", SquashfsOptions()),
+    (dict(squashfs={}), "squashfs", SquashfsOptions()),
+    ({}, "scan", ScanOptions()),
+    (dict(scan={}), "scan", ScanOptions()),
+    ({}, "sign", SignOptions()),
+    (dict(sign={}), "sign", SignOptions()),
+    (dict(base_image={"mmdebstrap": {"suite": "bookworm"}}, **BUILTIN), "base_image", MmdebstrapBase("bookworm")),
+    # an empty components list means the default components
+    (dict(base_image={"mmdebstrap": {"suite": "bookworm", "components": []}}, **BUILTIN), "base_image",
+     MmdebstrapBase("bookworm")),
+    *[({}, f.name, f.default) for f in dataclasses.fields(Flavor)
+      if f.name not in MINIMAL and f.default is not dataclasses.MISSING],
+])
+def test_absent_keys_take_the_dataclass_default(write_flavor, changes, attr, default):
+    (f,) = load_flavors([write_flavor("f.yaml", doc(**changes))])
+    assert getattr(f, attr) == default
+
+
+def test_defaults_are_said_once_in_the_model():
+    source = (ROOT / "tasks" / "config.py").read_text()
+    for literal in ('"gzip"', '"1024k"', '"minbase"', '"most"', '"report-only"', '"CRITICAL"', '"native"',
+                    '"COSIGN_PASSWORD"', '"http://deb.debian.org/debian"'):
+        assert literal not in source, literal
+
+
+def test_rules_are_named_and_documented():
+    names = [rule.__name__ for rule in config.RULES]
+    assert len(set(names)) == len(names)
+    assert all(rule.__doc__ for rule in config.RULES), names
+
+
+def test_config_still_exports_the_model():
+    for name in ("ARTIFACT_KINDS", "DEVICES", "SEVERITIES", "ConfigError", "Flavor", "MmdebstrapBase",
+                 "BuiltinOptions", "SquashfsOptions", "ScanOptions", "SignOptions", "parse_ref"):
+        assert getattr(config, name) is getattr(model, name), name

@@ -1,0 +1,132 @@
+"""The flavor model: frozen dataclasses, the allowed values, image references.
+
+This is what the stages read; tasks/config.py builds these objects from flavor
+YAML. Each default lives here once, as the dataclass field default: a field with
+no default is a required key of the flavor file, an absent optional key takes
+the field default.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ARTIFACT_KINDS = ("iso", "raw", "ipxe", "kernel", "initrd", "squashfs", "sbom", "trivy", "grype", "sign")
+VARIANTS = ("core", "standard")
+ARCHES = ("amd64", "arm64")
+# device -> the arches it exists for
+DEVICES = {"generic": ("amd64", "arm64"), "rpi3": ("arm64",), "rpi4": ("arm64",)}
+CONVERTERS = ("kairos-init", "builtin")
+SQUASHFS_COMPRESSORS = ("gzip", "xz", "zstd", "lz4", "lzo")
+INITRAMFS_MODULES = ("most", "dep", "list", "netboot")
+BUILDERS = ("native", "auroraboot")
+DEFAULT_AURORABOOT_IMAGE = "quay.io/kairos/auroraboot:v0.19.4"
+SEVERITIES = ("UNKNOWN", "LOW", "MEDIUM", "HIGH", "CRITICAL")
+POLICIES = ("report-only", "enforce")
+MMDEBSTRAP_VARIANTS = ("minbase", "buildd", "required", "important", "standard", "apt", "essential")
+
+# image references: [host[:port]/]component(/component)*[:tag][@sha256:digest]
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_HOST = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*(?::[0-9]+)?)"
+REPO_RE = re.compile(rf"^(?:{_HOST}/)?{_COMPONENT}(?:/{_COMPONENT})*$")
+REF_RE = re.compile(rf"^(?P<repo>(?:{_HOST}/)?{_COMPONENT}(?:/{_COMPONENT})*)"
+                    r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$")
+
+
+def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """Split an image reference into (repository, tag, digest)."""
+    match = REF_RE.match(ref)
+    if not match:
+        raise ValueError(f"not an image reference: {ref!r}")
+    return match["repo"], match["tag"], match["digest"]
+
+
+class ConfigError(Exception):
+    """All problems found in the flavor files; str() is one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class MmdebstrapBase:
+    """A base rootfs made offline by mmdebstrap from Debian's mirror."""
+
+    suite: str
+    arch: str | None = None          # None: follow each build's arch
+    variant: str = "minbase"
+    mirror: str = "http://deb.debian.org/debian"
+    components: tuple[str, ...] = ("main",)
+    include: tuple[str, ...] = ()
+
+    def options(self) -> dict:
+        return {"suite": self.suite, "variant": self.variant, "mirror": self.mirror,
+                "components": list(self.components), "include": list(self.include)}
+
+
+@dataclass(frozen=True)
+class BuiltinOptions:
+    """Options of the builtin (offline) converter."""
+
+    packages: tuple[str, ...] = ()
+    initramfs_modules: str = "most"
+
+
+@dataclass(frozen=True)
+class SquashfsOptions:
+    compression: str = "gzip"
+    block_size: str = "1024k"
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """Vulnerability/secret scanning policy of trivy and grype."""
+
+    policy: str = "report-only"        # or "enforce": fail on findings at or above severity
+    severity: str = "CRITICAL"
+    vulnerabilities: bool = True       # false: trivy scans secrets only, grype is not allowed
+    trivy_db: Path | None = None       # trivy cache dir holding db/trivy.db + db/metadata.json
+    grype_db: Path | None = None       # GRYPE_DB_CACHE_DIR holding a grype database
+    download_db: bool = False          # let the scanners download their databases (needs network)
+
+
+@dataclass(frozen=True)
+class SignOptions:
+    """cosign signing: key-based offline (default) or keyless."""
+
+    key: Path | None = None            # cosign.key; cosign.pub must sit next to it
+    password_env: str = "COSIGN_PASSWORD"
+    keyless: bool = False
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """One flavor file, validated. Fields are the flavor file's keys (but path); fields
+    without a default are required keys."""
+
+    path: Path
+    flavor: str
+    release: str
+    base_image: str | MmdebstrapBase
+    version: str
+    variants: tuple[str, ...]
+    k3s_versions: tuple[str, ...] = field(default=(), kw_only=True)
+    arches: tuple[str, ...]
+    devices: tuple[str, ...]
+    converter: str = field(default="kairos-init", kw_only=True)
+    kairos_init_image: str | None = field(default=None, kw_only=True)  # required by converter kairos-init
+    registry: str
+    artifacts: tuple[str, ...]
+    overlay: Path | None = None
+    trusted_boot: bool = False
+    fips: bool = False
+    raw_generic: bool = False
+    builtin: BuiltinOptions = field(default_factory=BuiltinOptions)
+    squashfs: SquashfsOptions = field(default_factory=SquashfsOptions)
+    builder: str = "native"
+    auroraboot_image: str = DEFAULT_AURORABOOT_IMAGE
+    netboot_url: str | None = None
+    scan: ScanOptions = field(default_factory=ScanOptions)
+    sign: SignOptions = field(default_factory=SignOptions)
+    cloud_config: Path | None = None   # baked into the ISO (/config.yaml) and raw images (COS_OEM)
