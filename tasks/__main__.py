@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from . import k3s, naming
-from .config import ConfigError, load_flavors
+from .config import load_flavors
+from .model import ConfigError
 from .graph import flavor_sources, select_builds
 from .kinds import ARTIFACT_KINDS, KINDS
 from .matrix import Build

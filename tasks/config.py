@@ -19,8 +19,9 @@ from typing import Any, Callable
 import yaml
 
 from . import k3s
-from .model import (  # noqa: F401 - also re-exported for the modules that import them from here
-    ARCHES, ARTIFACT_KINDS, BUILDERS, CONVERTERS, DEFAULT_AURORABOOT_IMAGE, DEVICES, INITRAMFS_MODULES,
+from .kinds import ARTIFACT_KINDS
+from .model import (
+    ARCHES, BUILDERS, CONVERTERS, DEFAULT_AURORABOOT_IMAGE, DEVICES, INITRAMFS_MODULES,
     MMDEBSTRAP_VARIANTS, POLICIES, REF_RE, REPO_RE, SEVERITIES, SQUASHFS_COMPRESSORS, VARIANTS, BuiltinOptions,
     ConfigError, Flavor, MmdebstrapBase, ScanOptions, SignOptions, SquashfsOptions, parse_ref)
 

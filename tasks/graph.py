@@ -19,8 +19,9 @@ from doit.exceptions import TaskError, TaskFailed
 from doit.tools import config_changed
 from doit.reporter import ConsoleReporter
 
-from .config import ConfigError, Flavor, load_flavors
+from .config import load_flavors
 from .matrix import Build, duplicate_problems, expand, parse_shard, shard
+from .model import ConfigError, Flavor
 from .run import KairosError, UsageError
 from .state import Paths
 

@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass
 
 from . import naming
-from .config import DEVICES, Flavor, MmdebstrapBase
 from .kinds import ARTIFACT_KINDS, KINDS
+from .model import DEVICES, Flavor, MmdebstrapBase
 from .state import safe_id
 
 

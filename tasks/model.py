@@ -11,7 +11,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ARTIFACT_KINDS = ("iso", "raw", "ipxe", "kernel", "initrd", "squashfs", "sbom", "trivy", "grype", "sign")
 VARIANTS = ("core", "standard")
 ARCHES = ("amd64", "arm64")
 # device -> the arches it exists for

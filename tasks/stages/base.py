@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from ..config import MmdebstrapBase
+from ..model import MmdebstrapBase
 from ..graph import Context, action, task
 from ..matrix import BaseSource
 from ..run import run, say

@@ -14,7 +14,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from ..config import SquashfsOptions
+from ..model import SquashfsOptions
 from ..graph import Context, action, task
 from ..matrix import Build
 from ..run import KairosError, run, say

@@ -5,7 +5,7 @@ registry's digest changed, so everything downstream reruns exactly then.
 """
 from __future__ import annotations
 
-from ..config import parse_ref
+from ..model import parse_ref
 from .. import naming
 from ..graph import Context, action, task
 from ..run import KairosError

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import SEVERITIES, Flavor
+from ..model import SEVERITIES, Flavor
 from ..graph import Context, action, task
 from ..matrix import Build
 from ..run import KairosError, UsageError, run, say

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from .. import naming
-from ..config import Flavor
+from ..model import Flavor
 from ..graph import Context, action, task
 from ..kinds import CHECKSUM_SUFFIX, PROVENANCE, SBOM_SPDX
 from ..matrix import Build

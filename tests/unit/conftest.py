@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) from anywhere
     sys.path.insert(0, str(ROOT))
 
-from tasks.config import Flavor  # noqa: E402
+from tasks.model import Flavor  # noqa: E402
 from tasks.matrix import Build  # noqa: E402
 
 

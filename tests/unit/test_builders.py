@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import BuiltinOptions, MmdebstrapBase, SquashfsOptions
+from tasks.model import BuiltinOptions, MmdebstrapBase, SquashfsOptions
 from tasks.run import run
 from tasks.stages import preflight
 from tasks.stages.base import mmdebstrap_argv

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tasks.__main__ import main
-from tasks.config import parse_ref
+from tasks.model import parse_ref
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,8 +9,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks.config import ARTIFACT_KINDS, TOP_KEYS, ConfigError, load_flavors
+from tasks.config import TOP_KEYS, load_flavors
+from tasks.kinds import ARTIFACT_KINDS
 from tasks.matrix import duplicate_problems, expand
+from tasks.model import ConfigError
 
 VALID = {
     "flavor": "ubuntu", "release": "24.04", "base_image": "ubuntu:24.04", "version": "v3.1.0",

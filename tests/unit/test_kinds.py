@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tasks import config, graph, naming
-from tasks.config import SignOptions
+from tasks.model import SignOptions
 from tasks.graph import Context
 from tasks.kinds import (ARTIFACT_KINDS, BLOB_SIGNATURE_SUFFIXES, CHECKSUM_SUFFIX, KINDS, PROGRAMS, PROVENANCE,
                          REGISTRY)

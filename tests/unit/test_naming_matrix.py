@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tasks import naming
-from tasks.config import MmdebstrapBase, parse_ref
+from tasks.model import MmdebstrapBase, parse_ref
 from tasks.matrix import duplicate_problems, expand, parse_shard, shard
 from tasks.tools.docker import registry_host
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tasks.builders import native_raw as n
-from tasks.config import BuiltinOptions
+from tasks.model import BuiltinOptions
 from tasks.kinds import KINDS
 from tasks.run import KairosError, run
 from tasks.stages import preflight, raw
@@ -286,7 +286,7 @@ def test_fake_ischroot_says_chroot(tmp_path):
 
 
 def builtin_script_lines() -> list[str]:
-    from tasks.config import Flavor
+    from tasks.model import Flavor
     from tasks.matrix import Build
     f = Flavor(path=Path("x.yaml"), flavor="debian", release="12", base_image="debian:12", version="v3.1.0",
                variants=("core",), k3s_versions=(), arches=("arm64",), devices=("rpi4",), converter="builtin",

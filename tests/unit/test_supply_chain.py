@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ScanOptions, SignOptions
+from tasks.model import ScanOptions, SignOptions
 from tasks.run import KairosError
 from tasks.stages import scan, sign
 from tasks.stages.sbom import syft_argv
