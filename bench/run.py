@@ -25,7 +25,7 @@ Rows (--only names in brackets):
 Everything lives under --dir (kept between runs: the first run builds the matrix and the real
 builds, minutes; later runs only measure) and under the registry namespace --registry
 (default 127.0.0.1:5000/bench). The synthetic matrix uses a kairos-init STAND-IN image (the
-shell script of tests/integration/conftest.py that only records its flags; it is not kairos-init)
+shell script of tests/harness.py that only records its flags; it is not kairos-init)
 on a tiny base (dash + libc cut out of the Debian minbase tarball). The real builds use the
 builtin converter on the whole minbase rootfs. It needs what the pipeline needs (bash ci/setup.sh)
 and exits non-zero when the engine or registry is down or an unexpected task runs.
@@ -57,7 +57,7 @@ from tasks.config import load_flavors  # noqa: E402
 from tasks.matrix import Build, expand  # noqa: E402
 from tasks.stages import extract, iso  # noqa: E402
 from tasks.state import Paths, read_digest  # noqa: E402
-from tests.integration.conftest import (  # noqa: E402  the tests' flavor builders and stand-in
+from tests.harness import (  # noqa: E402  the tests' flavor builders and stand-in
     LZ4, STANDIN_SCRIPT, builtin_doc, drop_namespace, flavor_text, standin_doc)
 
 DEFAULT_DIR = Path("/var/tmp/kairos-bench-matrix")
