@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from .conftest import REPO
+from tests.harness import REPO
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from .conftest import LZ4, REPO, standin_doc, write_flavor
+from tests.harness import LZ4, REPO, standin_doc, write_flavor
 
 pytestmark = pytest.mark.integration
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "-c", "init.defaultBranch=main"]

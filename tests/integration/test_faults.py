@@ -19,7 +19,7 @@ from tasks.stages import extract
 from tasks.state import Paths
 from tasks.tools import docker as docker_tools
 
-from .conftest import REPO, Workspace, builtin_doc, write_flavor
+from tests.harness import REPO, Workspace, builtin_doc, write_flavor
 from .test_supply_chain import PASSWORD, cosign_keys
 
 pytestmark = pytest.mark.integration

@@ -20,7 +20,7 @@ import pytest
 from tasks.config import load_flavors
 from tasks.matrix import expand
 
-from .conftest import LZ4, Workspace, builtin_doc, write_flavor
+from tests.harness import LZ4, Workspace, builtin_doc, write_flavor
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import LZ4, Workspace, builtin_doc, write_flavor
+from tests.harness import LZ4, Workspace, builtin_doc, write_flavor
 
 pytestmark = pytest.mark.integration
 

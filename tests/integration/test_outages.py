@@ -23,7 +23,7 @@ import pytest
 from tasks.config import load_flavors
 from tasks.matrix import expand
 
-from .conftest import LZ4, REPO, Result, Workspace, standin_doc, write_flavor
+from tests.harness import LZ4, REPO, Result, Workspace, standin_doc, write_flavor
 
 pytestmark = pytest.mark.integration
 SPARE = "127.0.0.1:5001"

@@ -18,7 +18,7 @@ from tasks.config import load_flavors
 from tasks.matrix import expand
 from tasks.state import safe_id
 
-from .conftest import Workspace, copy_flavors, write_flavor
+from tests.harness import Workspace, copy_flavors, write_flavor
 
 pytestmark = pytest.mark.integration
 

@@ -30,7 +30,7 @@ from tasks.builders import native_raw as n
 from tasks.config import load_flavors
 from tasks.matrix import expand
 
-from .conftest import LZ4, Workspace, builtin_doc, write_flavor
+from tests.harness import LZ4, Workspace, builtin_doc, write_flavor
 
 pytestmark = pytest.mark.integration
 

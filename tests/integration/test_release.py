@@ -13,7 +13,7 @@ from tasks import naming
 from tasks.config import load_flavors
 from tasks.matrix import expand
 
-from .conftest import LZ4, Workspace, builtin_doc, write_flavor
+from tests.harness import LZ4, Workspace, builtin_doc, write_flavor
 
 pytestmark = pytest.mark.integration
 CLOUD_CONFIG = "#cloud-config\nusers:\n  - name: kairos\n    passwd: kairos\n"

@@ -18,7 +18,7 @@ import pytest
 from tasks.config import load_flavors
 from tasks.matrix import expand
 
-from .conftest import LZ4, Workspace, standin_doc, write_flavor
+from tests.harness import LZ4, Workspace, standin_doc, write_flavor
 
 pytestmark = pytest.mark.integration
 PASSWORD = "test-only-password"
@@ -211,7 +211,7 @@ CVE = "CVE-2099-0001"
 def vuln(tmp_path_factory, ns, bases, standin, engine):
     from tests.fixtures.vulndb.build import build_tool, build_vulndb
 
-    from .conftest import CACHE
+    from tests.harness import CACHE
 
     sed = engine.containers.run(bases["b"], ["dpkg-query", "-W", "-f", "${Version}\n", "sed"],
                                 remove=True).decode().strip()

@@ -12,7 +12,7 @@ import pytest
 from tasks import graph
 from tasks.stages import convert, extract, push, resolve
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 UPSTREAM = REPO / "flavors" / "upstream"
 
 
