@@ -13,7 +13,7 @@ die() { echo "setup: error: $*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (it installs Debian packages and starts dockerd)"
 
-APT_PACKAGES=(docker.io docker-registry mmdebstrap squashfs-tools tar curl ca-certificates
+APT_PACKAGES=(docker.io docker-registry mmdebstrap arch-test squashfs-tools tar curl ca-certificates
   grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools dosfstools e2fsprogs fdisk ipxe
   qemu-system-x86 qemu-system-arm qemu-efi-aarch64 ovmf qemu-user-static binfmt-support zstd shellcheck git socat)
 docker_ok() {

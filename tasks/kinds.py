@@ -37,6 +37,7 @@ PROGRAMS: dict[str, Program] = {
     "docker": Program("Debian package docker.io", ("docker", "version", "--format", "{{.Server.Version}}")),
     "dockerd": Program("Debian package docker.io"),
     "mmdebstrap": Program("Debian package mmdebstrap", ("mmdebstrap", "--version")),
+    "arch-test": Program("Debian package arch-test"),
     "mksquashfs": Program("Debian package squashfs-tools", ("mksquashfs", "-version")),
     "unsquashfs": Program("Debian package squashfs-tools"),
     "tar": Program("Debian package tar"),

@@ -1,11 +1,19 @@
 """preflight: check daemon, tools and registries before any work starts."""
 from __future__ import annotations
 
+import platform
+
 from ..graph import Context, action
 from ..kinds import KINDS
 from ..matrix import Build
 from ..run import UsageError, require_tool
 from ..tools import docker
+
+
+def host_arch() -> str:
+    """This machine's architecture in Debian/OCI terms."""
+    machine = platform.machine()
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
 
 
 def tools_needed(builds: tuple[Build, ...]) -> dict[str, str]:
@@ -14,6 +22,8 @@ def tools_needed(builds: tuple[Build, ...]) -> dict[str, str]:
     for b in builds:
         if b.base.mmdebstrap is not None:
             need["mmdebstrap"] = f"build the offline base rootfs of {b.flavor.path.name}"
+            if b.arch != host_arch():
+                need["arch-test"] = f"let mmdebstrap build the {b.arch} base rootfs on this {host_arch()} host"
         for kind in b.kinds:
             need.update(KINDS[kind].tools_for(b))
     return need

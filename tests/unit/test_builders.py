@@ -473,6 +473,15 @@ def test_tools_needed(make_build, base_image, artifacts, tools):
         assert need["mmdebstrap"].endswith("of debian-12.yaml")
 
 
+def test_foreign_arch_mmdebstrap_needs_arch_test(make_build, monkeypatch):
+    monkeypatch.setattr(preflight.platform, "machine", lambda: "x86_64")
+    arm = make_build(base_image=MmdebstrapBase(suite="bookworm"), arch="arm64", artifacts=("kernel",))
+    assert preflight.tools_needed((arm,))["arch-test"] == \
+        "let mmdebstrap build the arm64 base rootfs on this amd64 host"
+    native = make_build(base_image=MmdebstrapBase(suite="bookworm"), artifacts=("kernel",))
+    assert "arch-test" not in preflight.tools_needed((native,))
+
+
 def test_preflight_registries(make_build):
     builds = (make_build(registry="quay.io/kairos"), make_build(arch="arm64", registry="127.0.0.1:5000/kairos"),
               make_build(device="rpi4", arch="arm64", registry="quay.io/other"))
