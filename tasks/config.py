@@ -21,10 +21,15 @@ import yaml
 from . import k3s
 from .kinds import ARTIFACT_KINDS
 from .model import (
-    ARCHES, BUILDERS, CONVERTERS, DEFAULT_AURORABOOT_IMAGE, DEVICES, INITRAMFS_MODULES,
+    ARCHES, BUILDERS, CONVERTERS, DEFAULT_AURORABOOT_IMAGE, DEVICES,
     MMDEBSTRAP_VARIANTS, POLICIES, REF_RE, REPO_RE, SEVERITIES, SQUASHFS_COMPRESSORS, VARIANTS, BuiltinOptions,
     ConfigError, Flavor, MmdebstrapBase, ScanOptions, SignOptions, SquashfsOptions, parse_ref)
 
+# keys earlier versions accepted -> what to do now
+RETIRED = {
+    "builtin.initramfs_modules": "no longer used: the builtin converter builds one generic dracut initrd "
+                                 "that boots the Kairos live command lines; remove the key",
+}
 ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 URL_RE = re.compile(r"^https?://[^\s/]+(/\S*)?$")
 MIRROR_RE = re.compile(r"^(https?|file)://\S+$")
@@ -121,7 +126,8 @@ class _Checker:
         for key in mapping:
             if key not in allowed:
                 shown = key if re.fullmatch(r"[\w.-]+", str(key)) else repr(key)
-                self.problem(f"{prefix}{shown}", f"unknown key (allowed: {', '.join(allowed)})", mapping, key)
+                why = RETIRED.get(f"{prefix}{shown}", f"unknown key (allowed: {', '.join(allowed)})")
+                self.problem(f"{prefix}{shown}", why, mapping, key)
 
     def string(self, mapping, key, prefix="", pattern=None, hint=""):
         value = mapping[key]
@@ -363,7 +369,6 @@ def _k3s_versions(c: _Checker, doc: dict, key: str, prefix: str) -> tuple[str, .
 # The sections (mappings) of a flavor file: one check per field of their dataclass.
 BUILTIN: dict[str, Check] = {
     "packages": _list(pattern=PACKAGE_RE, hint="a Debian package name"),
-    "initramfs_modules": _choice(INITRAMFS_MODULES),
 }
 SQUASHFS: dict[str, Check] = {
     "compression": _choice(SQUASHFS_COMPRESSORS, "compressor"),

@@ -17,7 +17,6 @@ ARCHES = ("amd64", "arm64")
 DEVICES = {"generic": ("amd64", "arm64"), "rpi3": ("arm64",), "rpi4": ("arm64",)}
 CONVERTERS = ("kairos-init", "builtin")
 SQUASHFS_COMPRESSORS = ("gzip", "xz", "zstd", "lz4", "lzo")
-INITRAMFS_MODULES = ("most", "dep", "list", "netboot")
 BUILDERS = ("native", "auroraboot")
 DEFAULT_AURORABOOT_IMAGE = "quay.io/kairos/auroraboot:v0.19.4"
 SEVERITIES = ("UNKNOWN", "LOW", "MEDIUM", "HIGH", "CRITICAL")
@@ -68,8 +67,7 @@ class MmdebstrapBase:
 class BuiltinOptions:
     """Options of the builtin (offline) converter."""
 
-    packages: tuple[str, ...] = ()
-    initramfs_modules: str = "most"
+    packages: tuple[str, ...] = ()         # extra Debian packages installed into the image
 
 
 @dataclass(frozen=True)

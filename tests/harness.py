@@ -168,10 +168,9 @@ def flavor_doc(flavor: str, release: str, base, registry: str, **more) -> dict:
 
 
 def builtin_doc(flavor: str, base, registry: str, artifacts: list[str], release: str = "12", **more) -> dict:
-    """A flavor (Debian 12 unless ``release``) on the builtin converter with a small initramfs
-    (MODULES=list)."""
+    """A flavor (Debian 12 unless ``release``) on the builtin converter."""
     return flavor_doc(flavor, release, base, registry, **{
-        "converter": "builtin", "builtin": {"initramfs_modules": "list"}, "artifacts": artifacts, **more})
+        "converter": "builtin", "artifacts": artifacts, **more})
 
 
 def standin_doc(flavor: str, base: str, standin: str, registry: str, artifacts: list[str], **more) -> dict:

@@ -190,21 +190,26 @@ def config_txt(device: str) -> str:
     ]) + "\n"
 
 
-def cmdline_txt(device: str) -> str:
+def cmdline_txt(device: str, live: bool = False) -> str:
     """Kernel command line (pure), one line: the Kairos active-system parameters.
 
+    ``live``: the dracut live form (`root=live:LABEL=COS_STATE rd.live.dir=/cOS
+    rd.live.squashimg=active.squashfs`), which the builtin converter's initrd boots;
+    otherwise immucore's `root=LABEL=COS_STATE cos-img/filename=...` (kairos-init images).
     The serial console of arm64 rpi3/rpi4 with the upstream kernel is the mini UART ttyS1;
     generic machines use ttyS0.
     """
     serial = "ttyS0" if device == "generic" else "ttyS1"
+    state_dir, _, state_file = STATE_IMAGE.rpartition("/")
+    root = ["root=live:LABEL=COS_STATE", f"rd.live.dir=/{state_dir}", f"rd.live.squashimg={state_file}"] if live \
+        else ["root=LABEL=COS_STATE", f"cos-img/filename=/{STATE_IMAGE}"]
     return " ".join([
-        "console=tty1", f"console={serial},115200",
-        "root=LABEL=COS_STATE", f"cos-img/filename=/{STATE_IMAGE}",
+        "console=tty1", f"console={serial},115200", *root,
         "panic=5", "rd.neednet=0", "rd.cos.oemlabel=COS_OEM", "rd.cos.oemtimeout=10", "rootwait",
     ]) + "\n"
 
 
-def grub_cfg() -> str:
+def grub_cfg(live: bool = False) -> str:
     """GRUB configuration embedded in the EFI loader of generic raw images (pure): the kernel
     and initrd from the COS_GRUB partition, serial and screen consoles."""
     return "\n".join([
@@ -215,7 +220,7 @@ def grub_cfg() -> str:
         "set default=0",
         "search --no-floppy --label COS_GRUB --set=root",
         'menuentry "Kairos (active)" {',
-        f"  linux /{KERNEL_NAME} {cmdline_txt('generic').strip()}",
+        f"  linux /{KERNEL_NAME} {cmdline_txt('generic', live).strip()}",
         f"  initrd /{INITRD_NAME}",
         "}",
     ]) + "\n"
@@ -321,23 +326,23 @@ def write_at(image: Path, offset: int, fs_file: Path) -> None:
 
 
 def rpi_boot_files(work: Path, device: str, kernel: Path, initrd: Path, firmware: list[Path],
-                   dtbs: list[Path]) -> dict[str, Path]:
+                   dtbs: list[Path], live: bool = False) -> dict[str, Path]:
     """FAT path -> source file for a Raspberry Pi firmware partition (writes the two text files)."""
     (work / "config.txt").write_text(config_txt(device))
-    (work / "cmdline.txt").write_text(cmdline_txt(device))
+    (work / "cmdline.txt").write_text(cmdline_txt(device, live))
     files = {f.name: f for f in [*firmware, *dtbs]}
     files.update({KERNEL_NAME: kernel, INITRD_NAME: initrd, "config.txt": work / "config.txt",
                   "cmdline.txt": work / "cmdline.txt"})
     return files
 
 
-def efi_boot_files(work: Path, arch: str, kernel: Path, initrd: Path) -> dict[str, Path]:
+def efi_boot_files(work: Path, arch: str, kernel: Path, initrd: Path, live: bool = False) -> dict[str, Path]:
     """FAT path -> source file for an EFI system partition with a standalone GRUB (runs grub-mkstandalone)."""
     if arch not in GRUB_EFI:
         raise KairosError(f"the native raw builder makes generic raw images for {', '.join(GRUB_EFI)} only "
                           f"(GRUB for {arch} EFI is not available on this host)")
     cfg = work / "grub.cfg"
-    cfg.write_text(grub_cfg())
+    cfg.write_text(grub_cfg(live))
     loader = work / GRUB_EFI[arch][1]
     run(grub_mkstandalone_argv(arch, loader, cfg), what="grub-mkstandalone (EFI loader)")
     return {f"EFI/BOOT/{loader.name}": loader, KERNEL_NAME: kernel, INITRD_NAME: initrd}

@@ -63,8 +63,45 @@ def dockerfile_kairos_init(b: Build, base_digest: str, init_digest: str, overlay
     return "\n".join(lines) + "\n"
 
 
+# the builtin converter's dracut configuration: a generic initrd that boots the Kairos live
+# command lines (root=live:CDLABEL=..., root=live:LABEL=..., root=live:http://...)
+DRACUT_CONF = "\n".join([
+    'hostonly="no"',
+    'hostonly_cmdline="no"',
+    'compress="zstd"',
+    'add_dracutmodules+=" dmsquash-live livenet network-legacy kairos-live "',
+]) + "\n"
+# Debian's dracut 059 switches a squashfs holding the root tree to OverlayFS but creates no
+# /run/overlayfs and /run/ovlwork before sysroot.mount: a pre-mount hook of ours does
+DRACUT_MODULE = {
+    "module-setup.sh": "\n".join([
+        "#!/bin/bash",
+        "# kairos-live: written by the kairos-doit builtin converter",
+        "check() { return 0; }",
+        "depends() { echo dmsquash-live; return 0; }",
+        'install() { inst_hook pre-mount 10 "$moddir/kairos-overlay-dirs.sh"; }',
+    ]) + "\n",
+    "kairos-overlay-dirs.sh": "#!/bin/sh\nmkdir -p /run/overlayfs /run/ovlwork\n",
+}
+DRACUT_MODULE_DIR = "/usr/lib/dracut/modules.d/90kairos-live"
+SERIAL_CONSOLE = {"amd64": "ttyS0", "arm64": "ttyAMA0"}
+
+
+def builtin_packages(b: Build) -> list[str]:
+    """Debian packages the builtin converter installs besides the kernel (pure): dracut with
+    its live and network modules (network-legacy needs pgrep and dhclient), zstd for the
+    initrd, CA certificates for https netboot, systemd as init, and the flavor's own."""
+    return ["dracut", "dracut-live", "dracut-network", "zstd", "procps", "isc-dhcp-client", "ca-certificates",
+            "systemd-sysv", *b.flavor.builtin.packages]
+
+
 def builtin_script(b: Build) -> str:
     """Shell run inside the image by the builtin converter (pure).
+
+    Installs the distro kernel with INITRD=No (neither the kernel's postinst nor dracut's
+    trigger builds an initrd), then builds one generic dracut initrd (`--no-hostonly`; a
+    `docker build` RUN has /proc and /dev mounted, which dracut needs) that understands the
+    Kairos live command lines, and enables a serial getty on the arch's console.
 
     rpi3/rpi4 builds also get the Raspberry Pi boot firmware (Debian raspi-firmware from
     the non-free-firmware component, Ubuntu linux-firmware-raspi); the raw stage copies it
@@ -74,7 +111,6 @@ def builtin_script(b: Build) -> str:
     ischroot that says yes comes first on PATH for that install. /boot/firmware is emptied
     afterwards: in the image it would only duplicate the kernel and initrd.
     """
-    packages = " ".join(b.flavor.builtin.packages)
     rpi_firmware = [
         'case "$ID" in ubuntu) firmware=linux-firmware-raspi ;; *) firmware=raspi-firmware ;; esac',
         'if ! apt-cache show "$firmware" >/dev/null 2>&1; then',
@@ -88,6 +124,11 @@ def builtin_script(b: Build) -> str:
         "rm -rf /tmp/kairos-chroot-bin",
         "if [ -d /boot/firmware ]; then find /boot/firmware -mindepth 1 -delete; fi",
     ] if b.device in ("rpi3", "rpi4") else []
+    module = []
+    for name, text in DRACUT_MODULE.items():
+        module += [f"cat > {DRACUT_MODULE_DIR}/{name} <<'KAIROS_EOF'", text.rstrip("\n"), "KAIROS_EOF",
+                   f"chmod 755 {DRACUT_MODULE_DIR}/{name}"]
+    tty = SERIAL_CONSOLE[b.arch]
     return "\n".join([
         "set -eu",
         "if ! command -v apt-get >/dev/null 2>&1; then",
@@ -95,20 +136,33 @@ def builtin_script(b: Build) -> str:
         "fi",
         ". /etc/os-release",
         'case "$ID" in ubuntu) kernel=linux-image-generic ;; *) kernel="linux-image-$(dpkg --print-architecture)" ;; esac',
-        "mkdir -p /etc/initramfs-tools/conf.d",
-        f"echo 'MODULES={b.flavor.builtin.initramfs_modules}' > /etc/initramfs-tools/conf.d/kairos-modules.conf",
-        "export DEBIAN_FRONTEND=noninteractive",
+        "export DEBIAN_FRONTEND=noninteractive INITRD=No",
         "apt-get update",
-        f'apt-get install -y --no-install-recommends "$kernel" initramfs-tools systemd-sysv {packages}'.rstrip(),
+        f'apt-get install -y --no-install-recommends "$kernel" {" ".join(builtin_packages(b))}',
         *rpi_firmware,
         "apt-get clean",
         "rm -rf /var/lib/apt/lists/*",
+        "mkdir -p /etc/dracut.conf.d " + DRACUT_MODULE_DIR,
+        "cat > /etc/dracut.conf.d/10-kairos.conf <<'KAIROS_EOF'", DRACUT_CONF.rstrip("\n"), "KAIROS_EOF",
+        *module,
         "cd /boot",
         "k=$(ls -1 vmlinuz-* | sort -V | tail -n 1)",
+        'kver="${k#vmlinuz-}"',
+        'rm -f "initrd.img-$kver"',
+        'dracut --no-hostonly --force --kver "$kver" "initrd.img-$kver"',
+        'chmod 0644 "initrd.img-$kver"',
         'ln -sf "$k" vmlinuz',
-        'ln -sf "initrd.img-${k#vmlinuz-}" initrd',
-        'test -s "initrd.img-${k#vmlinuz-}"',
+        'ln -sf "initrd.img-$kver" initrd',
+        'test -s "initrd.img-$kver"',
+        "mkdir -p /etc/systemd/system/getty.target.wants",
+        f"ln -sf /lib/systemd/system/serial-getty@.service /etc/systemd/system/getty.target.wants/serial-getty@{tty}.service",
+        "echo kairos > /etc/hostname",
     ]) + "\n"
+
+
+def issue_text(b: Build) -> str:
+    """/etc/issue of builtin images (pure): the console names the build that booted."""
+    return f"Kairos {b.stem} (\\l)\n\n"
 
 
 def kairos_release(b: Build) -> str:
@@ -144,6 +198,7 @@ def dockerfile_builtin(b: Build, base_digest: str, overlay: bool) -> str:
         "COPY builtin-convert.sh /tmp/builtin-convert.sh",
         "RUN sh /tmp/builtin-convert.sh && rm -f /tmp/builtin-convert.sh",
         "COPY kairos-release /etc/kairos-release",
+        "COPY issue /etc/issue",
     ]
     return "\n".join(lines) + "\n"
 
@@ -220,6 +275,7 @@ def convert(paths: Paths, b: Build) -> None:
         if b.flavor.converter == "builtin":
             (ctx_dir / "builtin-convert.sh").write_text(builtin_script(b))
             (ctx_dir / "kairos-release").write_text(kairos_release(b))
+            (ctx_dir / "issue").write_text(issue_text(b))
         cli = docker.find_build_cli()
         iid = ctx_dir / "iid"
         all_labels = dict(labels(b), **{"org.opencontainers.image.base.digest": base_digest})
@@ -241,6 +297,7 @@ def tasks(ctx: Context):
             "dockerfile": dockerfile(b, DIGEST, DIGEST),
             "script": builtin_script(b) if b.flavor.converter == "builtin" else "",
             "release": kairos_release(b) if b.flavor.converter == "builtin" else "",
+            "issue": issue_text(b) if b.flavor.converter == "builtin" else "",
             "labels": labels(b), "platform": b.platform, "tag": b.image,
             "overlay": listing, "stage": STAGE_VERSION,
         }, sort_keys=True)

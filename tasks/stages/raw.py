@@ -65,15 +65,20 @@ def oem_files(b: Build) -> dict[str, Path]:
     return {OEM_CLOUD_CONFIG: b.flavor.cloud_config} if b.flavor.cloud_config else {}
 
 
+def live_root(b: Build) -> bool:
+    """Builtin images boot their root with dracut's live module; kairos-init images with immucore."""
+    return b.flavor.converter == "builtin"
+
+
 def build_raw(paths: Paths, b: Build, out: Path) -> None:
     kernel, initrd, squashfs = paths.boot_files(b)
     with scratch_dir(paths.tmp_dir(), f"{b.stem}-raw") as work:
         if b.device in RPI_DEVICES:
             firmware, dtbs = firmware_from_squashfs(squashfs, b.device, work / "rootfs")
-            boot = native_raw.rpi_boot_files(work, b.device, kernel, initrd, firmware, dtbs)
+            boot = native_raw.rpi_boot_files(work, b.device, kernel, initrd, firmware, dtbs, live_root(b))
             boot_type = "c"
         else:
-            boot = native_raw.efi_boot_files(work, b.arch, kernel, initrd)
+            boot = native_raw.efi_boot_files(work, b.arch, kernel, initrd, live_root(b))
             boot_type = "ef"
         with atomic_path(out) as tmp:
             native_raw.build_disk(tmp, work, b.stem, boot, squashfs, boot_type, oem_files(b))
@@ -106,9 +111,9 @@ def key(b: Build) -> str:
                            "stage": STAGE_VERSION}, sort_keys=True)
     return json.dumps({
         "builder": b.flavor.builder, "device": b.device, "arch": b.arch,
-        "config": native_raw.config_txt(b.device) if b.device in RPI_DEVICES else native_raw.grub_cfg(),
+        "config": native_raw.config_txt(b.device) if b.device in RPI_DEVICES else native_raw.grub_cfg(live_root(b)),
         "grub": native_raw.GRUB_MODULES if b.device not in RPI_DEVICES else None,
-        "cmdline": native_raw.cmdline_txt(b.device), "firmware": native_raw.FIRMWARE.get(b.device),
+        "cmdline": native_raw.cmdline_txt(b.device, live_root(b)), "firmware": native_raw.FIRMWARE.get(b.device),
         "dtbs": native_raw.DTBS.get(b.device), "oem": native_raw.OEM_SIZE,
         "persistent": native_raw.PERSISTENT_SIZE, "oem_files": sorted(oem_files(b)), "stage": STAGE_VERSION,
     }, sort_keys=True)

@@ -1,7 +1,9 @@
 """iPXE netboot on real tools: `doit ipxe:<stem>` builds the script, the iPXE ISO and the
 USB disk image; qemu boots each with user networking, iPXE runs the embedded script and
 fetches kernel and initrd from an HTTP server of this test on 127.0.0.1 (the guest sees
-it as 10.0.2.2), and the serial log shows that kernel starting.
+it as 10.0.2.2); from the ISO the system boots on to its login prompt (the initrd fetches the
+squashfs from the same server), from the USB image as far as the kernel with the script's
+command line.
 """
 from __future__ import annotations
 
@@ -87,16 +89,26 @@ def netboot(tmp_path_factory, ns, bases):
 _ACCEL = {"kvm_broken": not os.access("/dev/kvm", os.R_OK | os.W_OK)}
 
 
-def boot(media: list[str], log: Path, server: Server, stem: str) -> tuple[str, list[str], str]:
-    """Boot qemu until the serial log shows the kernel's command line; return (serial log,
-    HTTP requests, accelerator). KVM first when usable, else (or when KVM fails) TCG."""
+def kernel_started(text: str) -> bool:
+    return "Linux version" in text and "Command line:" in text.split("Linux version", 1)[1]
+
+
+def logged_in(stem: str):
+    """The booted system's login prompt under its /etc/issue line naming this build."""
+    return lambda text: f"Kairos {stem} (ttyS0)" in text and "login:" in text.split(f"Kairos {stem} (ttyS0)", 1)[1]
+
+
+def boot(media: list[str], log: Path, server: Server, stem: str, until=kernel_started) -> tuple[str, list[str], str]:
+    """Boot qemu until ``until(serial log)`` holds; return (serial log, HTTP requests, accelerator).
+    KVM first when usable, else (or when KVM fails) TCG. 2 GiB: dracut's livenet loads the whole
+    squashfs into memory."""
     for accel in ("kvm", "tcg"):
         if accel == "kvm" and _ACCEL["kvm_broken"]:
             continue
         server.requests.clear()
         log.unlink(missing_ok=True)
         err = log.with_suffix(".qemu")
-        argv = ["qemu-system-x86_64", "-accel", accel, "-m", "1024", "-display", "none", "-no-reboot",
+        argv = ["qemu-system-x86_64", "-accel", accel, "-m", "2048", "-display", "none", "-no-reboot",
                 "-serial", f"file:{log}", "-monitor", "none", "-netdev", "user,id=n0",
                 "-device", "e1000,netdev=n0", *media]
         print("+ " + " ".join(argv))
@@ -112,7 +124,7 @@ def boot(media: list[str], log: Path, server: Server, stem: str) -> tuple[str, l
                     break
                 time.sleep(1)
                 text = log.read_text(errors="replace") if log.exists() else ""
-                if "Linux version" in text and "Command line:" in text.split("Linux version", 1)[1]:
+                if until(text):
                     break
                 qemu_out = err.read_text(errors="replace")
                 if accel == "kvm" and ("KVM internal error" in qemu_out or "failed to initialize kvm" in qemu_out
@@ -220,14 +232,24 @@ def test_iso_holds_ipxe_and_the_script(netboot, tmp_path):
     assert "linux16 /ipxe.lkrn" in (tmp_path / "grub.cfg").read_text()
 
 
-def test_ipxe_iso_netboots_the_kernel(netboot, tmp_path):
+def test_ipxe_iso_netboots_to_the_login_prompt(netboot, tmp_path):
+    """iPXE fetches kernel and initrd, dracut's livenet fetches the squashfs over HTTP, and the
+    system in it reaches its login prompt."""
     ws, b, server, _ = netboot
     iso = ws.outputs / "v3.1.0" / f"{b.stem}-ipxe.iso"
-    text, requests, accel = boot(["-cdrom", str(iso), "-boot", "d"], tmp_path / "iso-serial.log", server, b.stem)
+    text, requests, accel = boot(["-cdrom", str(iso), "-boot", "d"], tmp_path / "iso-serial.log", server, b.stem,
+                                 until=logged_in(b.stem))
     check_boot(text, requests, b.stem, server.port)
+    assert f"/{b.stem}.squashfs" in requests, f"the initrd did not fetch the live root; requests: {requests}"
+    lines = text.splitlines()
+    at = next((i for i, l in enumerate(lines) if f"Kairos {b.stem} (ttyS0)" in l), None)
+    assert at is not None and logged_in(b.stem)(text), f"no login prompt of {b.stem}; tail:\n{text[-3000:]}"
+    print("serial lines around the login prompt:\n  " + "\n  ".join(lines[max(0, at - 5):at + 3]))
 
 
 def test_ipxe_usb_image_netboots_the_kernel(netboot, tmp_path):
+    """The USB image runs the same script as the ISO (which boots to the login prompt above):
+    booting it as far as the kernel with the script's command line proves its own part."""
     ws, b, server, _ = netboot
     img = ws.outputs / "v3.1.0" / f"{b.stem}-ipxe-usb.img"
     before = sha256(img)

@@ -82,7 +82,7 @@ def test_minimal_flavor_loads_into_a_frozen_flavor(write_flavor):
     assert f.k3s_versions == ()
     assert f.overlay is None
     assert (f.trusted_boot, f.fips, f.raw_generic) == (False, False, False)
-    assert f.builtin == BuiltinOptions(packages=(), initramfs_modules="most")
+    assert f.builtin == BuiltinOptions(packages=())
     assert f.squashfs == SquashfsOptions(compression="gzip", block_size="1024k")
 
 
@@ -113,7 +113,7 @@ def test_full_builtin_flavor_loads_every_option(write_flavor, tmp_path):
                                    "components": ["main", "contrib"], "include": ["ca-certificates", "vim"]}},
         variants=["core"], arches=["arm64"], devices=["generic", "rpi4"], raw_generic=True, fips=True,
         artifacts=["raw", "kernel", "initrd", "squashfs", "sign"], overlay="overlay",
-        builtin={"packages": ["openssh-server", "libc6:arm64"], "initramfs_modules": "dep"},
+        builtin={"packages": ["openssh-server", "libc6:arm64"]},
         squashfs={"compression": "xz", "block_size": "256k"},
         scan={"policy": "enforce", "severity": "HIGH", "trivy_db": "trivy-db"},
         sign={"key": "keys/cosign.key", "password_env": "MY_PASS"}, **BUILTIN)
@@ -128,7 +128,7 @@ def test_full_builtin_flavor_loads_every_option(write_flavor, tmp_path):
                                           components=("main", "contrib"), include=("ca-certificates", "vim"))
     assert f.converter == "builtin" and f.kairos_init_image is None
     assert f.k3s_versions == ()
-    assert f.builtin == BuiltinOptions(packages=("openssh-server", "libc6:arm64"), initramfs_modules="dep")
+    assert f.builtin == BuiltinOptions(packages=("openssh-server", "libc6:arm64"))
     assert f.squashfs == SquashfsOptions(compression="xz", block_size="256k")
     assert f.overlay == (tmp_path / "flavors" / "overlay").resolve() and f.overlay.is_absolute()
     assert (f.raw_generic, f.fips, f.trusted_boot) == (True, True, False)
@@ -182,7 +182,7 @@ ERROR_CASES = [
                  "base_image.mmdebstrap.foo", "unknown key (allowed: suite, arch, variant", "foo: 1",
                  id="unknown-key-mmdebstrap"),
     pytest.param(doc(builtin={"foo": 1}, **BUILTIN), "builtin.foo",
-                 "unknown key (allowed: packages, initramfs_modules)", "foo: 1", id="unknown-key-builtin"),
+                 "unknown key (allowed: packages)", "foo: 1", id="unknown-key-builtin"),
     pytest.param(doc(squashfs={"foo": 1}), "squashfs.foo", "unknown key (allowed: compression, block_size)",
                  "foo: 1", id="unknown-key-squashfs"),
     # missing required keys
@@ -234,8 +234,9 @@ ERROR_CASES = [
                  "block_size", id="bad-block-size"),
     pytest.param(doc(base_image={"mmdebstrap": {"suite": "bookworm", "arch": "riscv64"}}, **BUILTIN),
                  "base_image.mmdebstrap.arch", "unknown arch 'riscv64'", "riscv64", id="mmdebstrap-arch"),
-    pytest.param(doc(builtin={"initramfs_modules": "all"}, **BUILTIN), "builtin.initramfs_modules",
-                 "unknown value 'all'", "initramfs_modules", id="initramfs-modules"),
+    pytest.param(doc(builtin={"initramfs_modules": "list"}, **BUILTIN), "builtin.initramfs_modules",
+                 "no longer used: the builtin converter builds one generic dracut initrd", "initramfs_modules",
+                 id="initramfs-modules-retired"),
     pytest.param(doc(base_image={"mmdebstrap": {"suite": "bookworm", "variant": "tiny"}}, **BUILTIN),
                  "base_image.mmdebstrap.variant", "unknown mmdebstrap variant 'tiny' (allowed: minbase, buildd,",
                  "tiny", id="mmdebstrap-variant"),
@@ -483,8 +484,6 @@ def test_problem_names_the_most_relevant_line(write_flavor, changes, at, problem
      "scan.severity: unknown severity 'high' (allowed: UNKNOWN, LOW, MEDIUM, HIGH, CRITICAL)"),
     (dict(squashfs={"compression": "bzip2"}), "compression:",
      "squashfs.compression: unknown compressor 'bzip2' (allowed: gzip, xz, zstd, lz4, lzo)"),
-    (dict(builtin={"initramfs_modules": "all"}, **BUILTIN), "initramfs_modules:",
-     "builtin.initramfs_modules: unknown value 'all' (allowed: most, dep, list, netboot)"),
     (dict(base_image={"mmdebstrap": {"suite": "bookworm", "arch": "riscv64"}}, **BUILTIN), "riscv64",
      "base_image.mmdebstrap.arch: unknown arch 'riscv64' (allowed: amd64, arm64)"),
     (dict(base_image={"mmdebstrap": {"suite": "bookworm", "variant": "tiny"}}, **BUILTIN), "tiny",

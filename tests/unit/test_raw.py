@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from tasks.builders import native_raw as n
-from tasks.model import BuiltinOptions
 from tasks.kinds import KINDS
 from tasks.run import KairosError, run
 from tasks.stages import preflight, raw
@@ -114,6 +113,14 @@ def test_cmdline_txt_is_one_kairos_line(device):
     args = text.split()
     assert "root=LABEL=COS_STATE" in args and "cos-img/filename=/cOS/active.squashfs" in args
     assert "rd.cos.oemlabel=COS_OEM" in args and "console=ttyS1,115200" in args
+
+
+@pytest.mark.parametrize("device", ["generic", "rpi4"])
+def test_cmdline_txt_live_form_for_dracut(device):
+    args = n.cmdline_txt(device, live=True).split()
+    assert args[2:5] == ["root=live:LABEL=COS_STATE", "rd.live.dir=/cOS", "rd.live.squashimg=active.squashfs"]
+    assert not any(a.startswith("cos-img/") for a in args)
+    assert "root=live:LABEL=COS_STATE" in n.grub_cfg(live=True) and "cos-img" not in n.grub_cfg(live=True)
 
 
 # --- firmware and device trees from the squashfs listing ----------------------------------
@@ -256,8 +263,8 @@ def test_key_changes_with_device_not_with_version(make_build):
 
 @pytest.mark.parametrize("device", ["rpi3", "rpi4"])
 def test_builtin_script_installs_rpi_firmware(make_build, device):
-    b = make_build(arch="arm64", device=device, builtin=BuiltinOptions(initramfs_modules="list"), **RPI)
-    generic = make_build(arch="arm64", device="generic", builtin=BuiltinOptions(initramfs_modules="list"), **RPI)
+    b = make_build(arch="arm64", device=device, **RPI)
+    generic = make_build(arch="arm64", device="generic", **RPI)
     script, plain = builtin_script(b), builtin_script(generic)
     run(["sh", "-n"], feed=[script.encode()])
     lines = script.splitlines()
