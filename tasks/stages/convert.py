@@ -89,9 +89,9 @@ SERIAL_CONSOLE = {"amd64": "ttyS0", "arm64": "ttyAMA0"}
 
 def builtin_packages(b: Build) -> list[str]:
     """Debian packages the builtin converter installs besides the kernel (pure): dracut with
-    its live and network modules (network-legacy needs pgrep and dhclient), zstd for the
-    initrd, CA certificates for https netboot, systemd as init, and the flavor's own."""
-    return ["dracut", "dracut-live", "dracut-network", "zstd", "procps", "isc-dhcp-client", "ca-certificates",
+    its live and network modules (network-legacy needs pgrep and dhclient, livenet curl), zstd
+    for the initrd, CA certificates for https netboot, systemd as init, and the flavor's own."""
+    return ["dracut", "dracut-live", "dracut-network", "zstd", "procps", "isc-dhcp-client", "curl", "ca-certificates",
             "systemd-sysv", *b.flavor.builtin.packages]
 
 

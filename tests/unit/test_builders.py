@@ -130,7 +130,7 @@ def test_builtin_script_is_valid_shell(make_build, packages, arch, tty):
     run(["sh", "-n"], feed=[script.encode()])  # syntax check by a real shell
     install = next(l for l in script.splitlines() if l.startswith("apt-get install"))
     assert install.split()[4:] == ['"$kernel"', "dracut", "dracut-live", "dracut-network", "zstd", "procps",
-                                   "isc-dhcp-client", "ca-certificates", "systemd-sysv", *packages]
+                                   "isc-dhcp-client", "curl", "ca-certificates", "systemd-sysv", *packages]
     assert "export DEBIAN_FRONTEND=noninteractive INITRD=No" in script  # no initrd from the kernel postinst
     assert 'dracut --no-hostonly --force --kver "$kver" "initrd.img-$kver"' in script
     assert f"getty.target.wants/serial-getty@{tty}.service" in script
