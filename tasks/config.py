@@ -21,7 +21,7 @@ import yaml
 from . import k3s
 from .kinds import ARTIFACT_KINDS
 from .model import (
-    ARCHES, BUILDERS, CONVERTERS, DEFAULT_AURORABOOT_IMAGE, DEVICES,
+    ARCHES, BUILDERS, FIRMWARES, BootOptions, CONVERTERS, DEFAULT_AURORABOOT_IMAGE, DEVICES,
     MMDEBSTRAP_VARIANTS, POLICIES, REF_RE, REPO_RE, SEVERITIES, SQUASHFS_COMPRESSORS, VARIANTS, BuiltinOptions,
     ConfigError, Flavor, MmdebstrapBase, ScanOptions, SignOptions, SquashfsOptions, parse_ref)
 
@@ -152,6 +152,16 @@ class _Checker:
             return None
         return value
 
+    def integer(self, mapping, key, prefix="", *, minimum):
+        value = mapping[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.problem(prefix + key, f"must be a whole number, got {_type_name(value)} {value!r}", mapping, key)
+            return None
+        if value < minimum:
+            self.problem(prefix + key, f"must be at least {minimum}, got {value}", mapping, key)
+            return None
+        return value
+
     def boolean(self, mapping, key, prefix=""):
         value = mapping[key]
         if not isinstance(value, bool):
@@ -209,6 +219,10 @@ def _choice(allowed: tuple[str, ...], what: str = "value") -> Check:
 
 def _list(choices: tuple[str, ...] | None = None, pattern: re.Pattern | None = None, hint: str = "") -> Check:
     return partial(_Checker.choice_list, choices=choices, pattern=pattern, hint=hint)
+
+
+def _int(minimum: int) -> Check:
+    return partial(_Checker.integer, minimum=minimum)
 
 
 _BOOL: Check = _Checker.boolean
@@ -387,6 +401,11 @@ SIGN: dict[str, Check] = {
     "password_env": _text(ENV_RE, "an environment variable name"),
     "keyless": _BOOL,
 }
+BOOT: dict[str, Check] = {
+    "timeout": _int(1),
+    "firmware": _list(FIRMWARES),
+    "memory": _int(256),
+}
 # The flavor file: one check per Flavor field but path, in the order of the "unknown key" message.
 TOP: dict[str, Check] = {
     "flavor": _text(FLAVOR_RE, "lowercase letters, digits and dashes"),
@@ -412,6 +431,7 @@ TOP: dict[str, Check] = {
     "netboot_url": _netboot_url,
     "scan": _section(ScanOptions, SCAN),
     "sign": _section(SignOptions, SIGN),
+    "boot": _section(BootOptions, BOOT),
     "cloud_config": _cloud_config,
 }
 TOP_KEYS = (*TOP, "k3s_policy")

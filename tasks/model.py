@@ -21,6 +21,7 @@ BUILDERS = ("native", "auroraboot")
 DEFAULT_AURORABOOT_IMAGE = "quay.io/kairos/auroraboot:v0.19.4"
 SEVERITIES = ("UNKNOWN", "LOW", "MEDIUM", "HIGH", "CRITICAL")
 POLICIES = ("report-only", "enforce")
+FIRMWARES = ("bios", "uefi")  # what amd64 ISOs boot under in the boot stage
 MMDEBSTRAP_VARIANTS = ("minbase", "buildd", "required", "important", "standard", "apt", "essential")
 
 # image references: [host[:port]/]component(/component)*[:tag][@sha256:digest]
@@ -68,6 +69,15 @@ class BuiltinOptions:
     """Options of the builtin (offline) converter."""
 
     packages: tuple[str, ...] = ()         # extra Debian packages installed into the image
+
+
+@dataclass(frozen=True)
+class BootOptions:
+    """The boot stage: every bootable artifact must reach its login prompt in qemu."""
+
+    timeout: int = 300                      # seconds one boot may take to the login prompt
+    firmware: tuple[str, ...] = FIRMWARES   # the firmware ISOs boot under (raw generic: uefi)
+    memory: int = 2048                      # MiB of the emulated machine
 
 
 @dataclass(frozen=True)
@@ -126,4 +136,5 @@ class Flavor:
     netboot_url: str | None = None
     scan: ScanOptions = field(default_factory=ScanOptions)
     sign: SignOptions = field(default_factory=SignOptions)
+    boot: BootOptions = field(default_factory=BootOptions)
     cloud_config: Path | None = None   # baked into the ISO (/config.yaml) and raw images (COS_OEM)

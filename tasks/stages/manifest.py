@@ -18,7 +18,7 @@ from ..graph import Context, action, task
 from ..kinds import CHECKSUM_SUFFIX, KINDS, PROGRAMS
 from ..matrix import Build
 from ..state import Paths, read_digest, sha256_file, signature_files, write_text_atomic
-from . import carrier, convert, sign
+from . import boot, carrier, convert, sign
 
 # tool -> argv printing its version
 TOOL_VERSIONS = {name: list(p.version) for name, p in PROGRAMS.items() if p.version}
@@ -108,12 +108,14 @@ def build_record(paths: Paths, b: Build) -> dict:
             "overlay_sha256": sign.overlay_digest(f.overlay) if f.overlay else None,
         },
         "outputs": files,
+        "boot": [{k: r[k] for k in ("artifact", "firmware", "passed", "seconds", "skipped") if k in r}
+                 for r in boot.results(paths, b)] if "boot" in b.kinds else None,
     }
 
 
 def release_notes(version: str, builds: list[Build], records: list[dict], carriers: dict[str, str]) -> str:
-    """outputs/<version>/RELEASE.md (pure): artifacts with size and sha256, k3s versions,
-    cosign verify commands to paste, extraction commands of the -img carrier images."""
+    """outputs/<version>/RELEASE.md (pure): artifacts with size and sha256, k3s versions, the
+    boot checks, cosign verify commands to paste, extraction commands of the -img carrier images."""
     k3s = sorted({b.k3s_version for b in builds if b.k3s_version})
     out = [f"# Kairos {version}", ""]
     out += ["## k3s versions", ""] + ([f"- {v}" for v in k3s] or ["- none (core images only)"]) + [""]
@@ -121,6 +123,13 @@ def release_notes(version: str, builds: list[Build], records: list[dict], carrie
     for record in records:
         for o in record["outputs"]:
             out.append(f"| `{o['name']}` | {o['size']} | `{o['sha256']}` |")
+    boots = [(r["stem"], one) for r in records for one in (r.get("boot") or [])]
+    if boots:
+        out += ["", "## Boot checks", "", "Each bootable artifact was booted in qemu to its login prompt.", "",
+                "| Artifact | Firmware | Result |", "|---|---|---|"]
+        for _, one in boots:
+            result = f"skipped: {one['skipped']}" if one.get("skipped") else f"login prompt after {one['seconds']:.0f} s"
+            out.append(f"| `{one['artifact']}` | {one['firmware']} | {result} |")
     out += ["", "## Images", ""]
     for b, record in zip(builds, records):
         out.append(f"- `{b.image}` = `{naming.pinned(b.image, record['image_digest'])}`")

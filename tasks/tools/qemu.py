@@ -17,6 +17,8 @@ from pathlib import Path
 from ..run import require_tool
 
 LOGIN = "login:"
+# serial output after which no login prompt will come: stop waiting at once
+FAILURES = ("Kernel panic", "Entering emergency mode", "emergency shell", "(initramfs)", "Could not boot")
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 SERIAL = {"amd64": "ttyS0", "arm64": "ttyAMA0"}  # the emulated machines' serial consoles
@@ -93,9 +95,10 @@ def _read(log: Path) -> str:
         return ""
 
 
-def boot(argv: list[str], log: Path, wanted: tuple[str, ...], timeout: float) -> Boot:
-    """Run ``argv`` until the serial log ``log`` holds every string of ``wanted`` (passed), qemu
-    exits, or ``timeout`` seconds pass; qemu is killed in every case."""
+def boot(argv: list[str], log: Path, wanted: tuple[str, ...], timeout: float,
+         failures: tuple[str, ...] = FAILURES) -> Boot:
+    """Run ``argv`` until the serial log ``log`` holds every string of ``wanted`` (passed), or one
+    of ``failures``, or qemu exits, or ``timeout`` seconds pass; qemu is killed in every case."""
     require_tool(argv[0], "boot the artifact in an emulator")
     log = Path(log)
     log.unlink(missing_ok=True)
@@ -109,7 +112,7 @@ def boot(argv: list[str], log: Path, wanted: tuple[str, ...], timeout: float) ->
             if all(w in text for w in wanted):
                 passed = True
                 break
-            if proc.poll() is not None:
+            if proc.poll() is not None or any(f in text for f in failures):
                 break
     finally:
         proc.kill()

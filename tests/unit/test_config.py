@@ -9,7 +9,7 @@ import yaml
 
 from tasks import config, model
 from tasks.config import load_flavors
-from tasks.model import (BuiltinOptions, ConfigError, Flavor, MmdebstrapBase, ScanOptions, SignOptions,
+from tasks.model import (BootOptions, BuiltinOptions, ConfigError, Flavor, MmdebstrapBase, ScanOptions, SignOptions,
                          SquashfsOptions, parse_ref)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -472,6 +472,27 @@ def test_problem_names_the_most_relevant_line(write_flavor, changes, at, problem
     path = write_flavor("f.yaml", text)
     where = f"{path}:{line_of(text, at)}" if at else f"{path}"
     assert problems_of([path]) == [f"{where}: {problem}"]
+
+
+@pytest.mark.parametrize("boot, at, problem", [
+    ({"timeout": 0}, "timeout:", "boot.timeout: must be at least 1, got 0"),
+    ({"timeout": "5m"}, "timeout:", "boot.timeout: must be a whole number, got a string '5m'"),
+    ({"memory": 128}, "memory:", "boot.memory: must be at least 256, got 128"),
+    ({"firmware": ["bios", "coreboot"]}, "firmware:", "boot.firmware[1]: unknown value 'coreboot' (allowed: bios, uefi)"),
+    ({"cpus": 2}, "cpus:", "boot.cpus: unknown key (allowed: timeout, firmware, memory)"),
+])
+def test_boot_options_are_checked(write_flavor, boot, at, problem):
+    text = doc() + "boot:\n" + "".join(f"  {k}: {yaml.safe_dump(v, default_flow_style=True).strip()}\n"
+                                       for k, v in boot.items())
+    path = write_flavor("b.yaml", text)
+    assert problems_of([path]) == [f"{path}:{line_of(text, at)}: {problem}"]
+
+
+def test_boot_options_load(write_flavor):
+    (f,) = load_flavors([write_flavor("b.yaml", doc(boot={"timeout": 90, "firmware": ["uefi"], "memory": 3072}))])
+    assert f.boot == BootOptions(timeout=90, firmware=("uefi",), memory=3072)
+    (g,) = load_flavors([write_flavor("c.yaml", doc())])
+    assert g.boot == BootOptions() and g.boot.firmware == ("bios", "uefi")
 
 
 # --- enumerations: one check, one message form --------------------------------------

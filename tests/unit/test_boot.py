@@ -1,0 +1,69 @@
+"""The boot stage's pure parts: what boots how, markers, netboot URLs, matrix rule, config."""
+from __future__ import annotations
+
+import pytest
+
+from tasks.model import BootOptions
+from tasks.stages import boot
+from tasks.stages.manifest import release_notes
+
+URL = "http://10.0.2.2:8080"
+
+
+@pytest.mark.parametrize("fields, steps", [
+    (dict(artifacts=("iso", "boot")), [("iso", "bios", None), ("iso", "uefi", None)]),
+    (dict(artifacts=("iso", "boot"), boot=BootOptions(firmware=("uefi",))), [("iso", "uefi", None)]),
+    (dict(artifacts=("raw", "boot"), arch="arm64", device="rpi4"), [("raw", "virt", None)]),
+    (dict(artifacts=("raw", "boot"), raw_generic=True), [("raw", "uefi", None)]),
+    (dict(artifacts=("ipxe", "boot"), netboot_url=URL), [("ipxe", "netboot", None)]),
+    (dict(artifacts=("ipxe", "boot"), netboot_url="https://boot.example.com/kairos"),
+     [("ipxe", "netboot", "netboot_url https://boot.example.com/kairos is not http://10.0.2.2:PORT, qemu's "
+       "address of this machine: the netboot files are served elsewhere")]),
+    (dict(artifacts=("iso", "boot"), arch="arm64"), [("iso", "uefi", "booting arm64 ISOs is not supported yet")]),
+])
+def test_plan(make_build, fields, steps):
+    assert [(s.kind, s.how, s.skip) for s in boot.plan(make_build(**fields))] == steps
+
+
+def test_boot_only_with_something_bootable(make_build):
+    assert make_build(artifacts=("kernel", "boot")).kinds == ("kernel",)
+    assert make_build(artifacts=("iso", "boot")).kinds == ("iso", "kernel", "initrd", "squashfs", "boot")
+    assert make_build(arch="arm64", device="rpi4", artifacts=("iso", "boot", "sbom")).kinds == ("sbom",)
+
+
+@pytest.mark.parametrize("url, port", [
+    ("http://10.0.2.2:8080", 8080), ("http://10.0.2.2:8080/", 8080), ("http://10.0.2.2:80/sub", None),
+    ("http://10.0.2.20:8080", None), ("https://10.0.2.2:8443", None), (None, None),
+])
+def test_netboot_port(url, port):
+    assert boot.netboot_port(url) == port
+
+
+def test_markers_and_inputs(make_build, tmp_path):
+    from tasks.state import Paths
+    b = make_build(artifacts=("iso", "raw", "boot"), raw_generic=True)
+    assert boot.login_markers(b) == (f"Kairos {b.stem} (ttyS0)", "login:")
+    arm = make_build(arch="arm64", device="rpi4", artifacts=("raw", "boot"))
+    assert boot.login_markers(arm)[0] == f"Kairos {arm.stem} (ttyAMA0)"
+    paths = Paths(tmp_path / "s", tmp_path / "o")
+    assert [p.name for p in boot.inputs(paths, b)] == [f"{b.stem}.iso.sha256", f"{b.stem}.iso.sha256",
+                                                        f"{b.stem}.img.sha256"]
+
+
+def test_key_changes_with_the_options(make_build):
+    b = make_build(artifacts=("iso", "boot"))
+    keys = {boot.key(b), boot.key(make_build(artifacts=("iso", "boot"), boot=BootOptions(timeout=60))),
+            boot.key(make_build(artifacts=("iso", "boot"), boot=BootOptions(memory=4096))),
+            boot.key(make_build(artifacts=("iso", "boot"), boot=BootOptions(firmware=("bios",))))}
+    assert len(keys) == 4
+
+
+def test_release_notes_list_the_boots(make_build):
+    b = make_build(artifacts=("iso", "boot"))
+    record = {"stem": b.stem, "image_digest": "sha256:" + "a" * 64, "outputs": [],
+              "boot": [{"artifact": f"{b.stem}.iso", "firmware": "bios", "passed": True, "seconds": 71.6},
+                       {"artifact": f"{b.stem}-ipxe.iso", "firmware": "netboot", "passed": None,
+                        "skipped": "served elsewhere"}]}
+    text = release_notes("v3.1.0", [b], [record], {})
+    assert f"| `{b.stem}.iso` | bios | login prompt after 72 s |" in text
+    assert f"| `{b.stem}-ipxe.iso` | netboot | skipped: served elsewhere |" in text
