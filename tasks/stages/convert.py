@@ -156,7 +156,6 @@ def builtin_script(b: Build) -> str:
         'test -s "initrd.img-$kver"',
         "mkdir -p /etc/systemd/system/getty.target.wants",
         f"ln -sf /lib/systemd/system/serial-getty@.service /etc/systemd/system/getty.target.wants/serial-getty@{tty}.service",
-        "echo kairos > /etc/hostname",
     ]) + "\n"
 
 

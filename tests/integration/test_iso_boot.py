@@ -1,12 +1,14 @@
 """The native ISO stage end to end: a Debian bookworm flavor (the session's bookworm
 minbase base, builtin converter) -> kernel, initrd, squashfs -> `<stem>.iso`; its layout, checksum and volume
-id; qemu boots it with BIOS (SeaBIOS) and with EFI (OVMF) to the login prompt of the
-operating system in the squashfs (dracut's live root; /etc/issue names the build); a second
-run builds nothing.
+id; the boot stage (`doit boot:<stem>`) boots it in qemu with BIOS (SeaBIOS) and with UEFI
+(OVMF) to the login prompt of the operating system in the squashfs (dracut's live root;
+/etc/issue names the build) and records both boots; a second run builds nothing; an ISO made
+from a broken squashfs fails the boot stage with the last serial lines.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import time
@@ -30,7 +32,8 @@ LOGGED_IN = (f"Kairos {STEM} (ttyS0)", qemu.LOGIN)
 def iso_ws(tmp_path_factory, ns, bases) -> Workspace:
     ws = Workspace(root=tmp_path_factory.mktemp("iso"), ns=ns)
     write_flavor(ws.flavors / "debian-iso.yaml", builtin_doc(
-        "debian", bases["b"], f"{ns}/kairos", ["kernel", "initrd", "squashfs", "iso"], squashfs=LZ4))
+        "debian", bases["b"], f"{ns}/kairos", ["kernel", "initrd", "squashfs", "iso", "boot"], squashfs=LZ4,
+        boot={"timeout": BOOT_TIMEOUT}))
     # the same image through the AuroraBoot back end, with an AuroraBoot image that does not
     # exist in the local registry: the runtime path must fail with a clear pull error
     write_flavor(ws.flavors / "debian-ab.yaml", builtin_doc(
@@ -41,12 +44,27 @@ def iso_ws(tmp_path_factory, ns, bases) -> Workspace:
 
 @pytest.fixture(scope="module")
 def built(iso_ws):
+    """`doit boot:<stem>`: builds the ISO and what it needs, then boots it under BIOS and UEFI."""
     started = time.monotonic()
-    result = iso_ws.doit(f"iso:{STEM}")
-    print(f"first doit iso:{STEM}: {time.monotonic() - started:.0f}s")
-    assert result.rc == 0, result.err
-    assert f"iso:{STEM}" in result.executed
+    result = iso_ws.doit(f"boot:{STEM}")
+    print(f"first doit boot:{STEM}: {time.monotonic() - started:.0f}s")
+    assert result.rc == 0, result.out[-3000:] + result.err
+    assert f"iso:{STEM}" in result.executed and f"boot:{STEM}" in result.executed
     return result
+
+
+@pytest.fixture(scope="module")
+def boots(iso_ws, built) -> dict[str, dict]:
+    """firmware -> the boot stage's record, with its serial log from <stem>-boot.log."""
+    out = iso_ws.outputs / "v3.1.0"
+    report = json.loads((out / f"{STEM}-boot.json").read_text())
+    assert report["stem"] == STEM
+    logs = (out / f"{STEM}-boot.log").read_text().split("===== ")
+    by_fw = {}
+    for record in report["boots"]:
+        (log,) = [l for l in logs if l.startswith(f"iso-{record['firmware']}: ")]
+        by_fw[record["firmware"]] = dict(record, serial=log)
+    return by_fw
 
 
 @pytest.fixture(scope="module")
@@ -104,81 +122,35 @@ def test_volume_id_and_boot_records(iso):
 
 # --- qemu boots ---------------------------------------------------------------------
 
-def _probe_seconds(accel: str, workdir: Path) -> float | None:
-    """Seconds SeaBIOS needs, under ``accel``, to finish POST with no boot device (None: failed)."""
-    log = workdir / f"probe-{accel}.log"
-    log.unlink(missing_ok=True)
-    proc = subprocess.Popen(["qemu-system-x86_64", "-accel", accel, "-M", "pc", "-m", "64", "-display", "none",
-                             "-nodefaults", "-no-reboot", "-debugcon", f"file:{log}",
-                             "-global", "isa-debugcon.iobase=0x402"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    started = time.monotonic()
-    try:
-        while time.monotonic() - started < 15:
-            if proc.poll() is not None:
-                return None
-            if log.exists() and b"No bootable device" in log.read_bytes():
-                return time.monotonic() - started
-            time.sleep(0.05)
-        return None
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.fixture(scope="module")
-def accel(tmp_path_factory) -> str:
-    """kvm when /dev/kvm works AND is not slower than TCG (nested virtualisation can make
-    every VM exit so slow that a KVM boot never gets past grub), else tcg."""
-    forced = os.environ.get("KAIROS_TEST_QEMU_ACCEL")
-    if forced:
-        return forced
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "tcg"
-    workdir = tmp_path_factory.mktemp("accel")
-    kvm, tcg = _probe_seconds("kvm", workdir), _probe_seconds("tcg", workdir)
-    chosen = "kvm" if kvm is not None and (tcg is None or kvm <= max(1.0, 2 * tcg)) else "tcg"
-    print(f"qemu accel probe: kvm {kvm}, tcg {tcg} -> {chosen}")
-    return chosen
-
-
-def boot(iso: Path, workdir: Path, accel: str, uefi: bool = False) -> qemu.Boot:
-    """Boot ``iso`` until the serial console shows this build's login prompt."""
-    log = workdir / "serial.log"
-    argv = qemu.x86_argv(log, accel=accel, cdrom=iso, uefi_vars=qemu.fresh_vars(workdir) if uefi else None)
-    result = qemu.boot(argv, log, LOGGED_IN, BOOT_TIMEOUT)
-    print(f"qemu ({accel}, {'UEFI' if uefi else 'BIOS'}): {'login prompt' if result.passed else 'no login'} "
-          f"after {result.seconds:.0f}s")
-    return result
-
-
-def _assert_logged_in(result: qemu.Boot) -> None:
-    text = result.serial
+def _assert_logged_in(record: dict) -> None:
+    text = record["serial"]
     lines = text.splitlines()
     around = next((i for i, l in enumerate(lines) if qemu.LOGIN in l), len(lines))
-    print("serial lines around the login prompt:\n  " + "\n  ".join(lines[max(0, around - 6):around + 1]))
-    assert "Linux version" in text, f"no kernel start in the serial log; tail:\n{result.tail()}"
+    print(f"{record['firmware']}: login prompt after {record['seconds']} s; serial lines around it:\n  "
+          + "\n  ".join(lines[max(0, around - 6):around + 1]))
+    assert "Linux version" in text, f"no kernel start in the serial log; tail:\n{text[-3000:]}"
     assert "root=live:CDLABEL=COS_LIVE" in text, "kernel command line of the ISO's grub.cfg not seen"
-    assert result.passed, f"no login prompt of {STEM} within {BOOT_TIMEOUT}s; tail:\n{result.tail()}"
-    assert "Reached target" in text and "(initramfs)" not in text
+    assert record["passed"] is True and record["seconds"] < BOOT_TIMEOUT
+    issue = next(i for i, l in enumerate(lines) if l.strip() == f"Kairos {STEM} (ttyS0)")
+    assert any(qemu.LOGIN in l for l in lines[issue:]), f"no login prompt after the issue line:\n{text[-2000:]}"
+    assert "Reached target" in text and "emergency" not in text
+    assert any(qemu.LOGIN in l for l in record["last_serial_lines"])
 
 
-def test_boot_bios(iso, accel, tmp_path):
-    result = boot(iso, tmp_path, accel)
-    assert "GNU GRUB" in result.serial, f"grub menu not on the serial console; tail:\n{result.tail()}"
-    _assert_logged_in(result)
+def test_boot_bios(boots):
+    assert "GNU GRUB" in boots["bios"]["serial"], "grub menu not on the serial console"
+    _assert_logged_in(boots["bios"])
 
 
-def test_boot_efi(iso, accel, tmp_path):
-    assert qemu.OVMF_CODE.exists() and qemu.OVMF_VARS.exists(), "OVMF firmware not found; install Debian package ovmf"
-    result = boot(iso, tmp_path, accel, uefi=True)
-    _assert_logged_in(result)
-    assert "efi: EFI v" in result.serial, "the kernel did not report booting through EFI firmware"
+def test_boot_efi(boots):
+    _assert_logged_in(boots["uefi"])
+    assert "efi: EFI v" in boots["uefi"]["serial"], "the kernel did not report booting through EFI firmware"
+    assert "-drive if=pflash" in boots["uefi"]["qemu"] and "-drive if=pflash" not in boots["bios"]["qemu"]
 
 
-def test_second_run_builds_nothing(iso_ws, iso):
+def test_second_run_builds_nothing(iso_ws, iso, boots):
     before = (iso.stat().st_mtime_ns, iso.with_name(iso.name + ".sha256").read_text())
-    result = iso_ws.doit(f"iso:{STEM}")
+    result = iso_ws.doit(f"boot:{STEM}")
     assert result.rc == 0, result.err
     assert result.build_actions == set(), result.out
     assert (iso.stat().st_mtime_ns, iso.with_name(iso.name + ".sha256").read_text()) == before
@@ -192,3 +164,34 @@ def test_auroraboot_without_its_image_fails_clearly(iso_ws, built, ns):
     version_dir = iso_ws.outputs / "v3.1.0"
     assert not (version_dir / f"{AB_STEM}.iso").exists()
     assert [p.name for p in version_dir.iterdir() if p.name.startswith(f".{AB_STEM}")] == []
+
+
+def test_iso_of_a_broken_squashfs_fails_the_boot_stage(iso_ws, iso, boots, tmp_path):
+    """Runs last: the squashfs is swapped for garbage (with a matching .sha256, as if a build step
+    had produced it), the ISO is rebuilt from it, and the boot stage must fail naming the serial
+    output; afterwards the good files are put back."""
+    out = iso_ws.outputs / "v3.1.0"
+    squashfs, sha = out / f"{STEM}.squashfs", out / f"{STEM}.squashfs.sha256"
+    report = out / f"{STEM}-boot.json"
+    saved = {p: tmp_path / p.name for p in (squashfs, sha)}
+    for p, keep in saved.items():
+        os.link(p, keep)
+    try:
+        squashfs.unlink()
+        squashfs.write_bytes(os.urandom(4 << 20))
+        sha.unlink()
+        sha.write_text(f"{hashlib.sha256(squashfs.read_bytes()).hexdigest()}  {squashfs.name}\n")
+        before = report.read_text()
+        result = iso_ws.doit(f"boot:{STEM}")
+        assert result.rc == 1, result.out[-2000:]
+        assert f"iso:{STEM}" in result.executed and f"boot:{STEM}" in result.executed
+        assert f"error: boot:{STEM}: {STEM}.iso (bios) did not reach the login prompt of {STEM}" in result.err
+        assert "last serial lines:" in result.err and "Linux version" not in result.err.split("last serial lines:")[0]
+        print(result.err[-1500:])
+        assert report.read_text() == before  # a failed boot writes nothing to outputs
+    finally:
+        for p, keep in saved.items():
+            p.unlink(missing_ok=True)
+            os.link(keep, p)
+    again = iso_ws.doit(f"iso:{STEM}")
+    assert again.rc == 0 and f"iso:{STEM}" in again.executed
