@@ -11,7 +11,6 @@ from .model import DEVICES, Flavor, MmdebstrapBase
 from .state import safe_id
 
 
-
 @dataclass(frozen=True)
 class Build:
     """One row of the expanded flavor matrix."""

@@ -24,7 +24,7 @@ from ..graph import Context, action, task
 from ..matrix import Build
 from ..run import run, say
 from ..state import Paths, build_context, read_digest, safe_id, write_text_atomic
-from ..tools import docker
+from ..tools import docker, qemu
 from . import resolve
 
 STAGE_VERSION = 1
@@ -84,7 +84,6 @@ DRACUT_MODULE = {
     "kairos-overlay-dirs.sh": "#!/bin/sh\nmkdir -p /run/overlayfs /run/ovlwork\n",
 }
 DRACUT_MODULE_DIR = "/usr/lib/dracut/modules.d/90kairos-live"
-SERIAL_CONSOLE = {"amd64": "ttyS0", "arm64": "ttyAMA0"}
 
 
 def builtin_packages(b: Build) -> list[str]:
@@ -128,7 +127,7 @@ def builtin_script(b: Build) -> str:
     for name, text in DRACUT_MODULE.items():
         module += [f"cat > {DRACUT_MODULE_DIR}/{name} <<'KAIROS_EOF'", text.rstrip("\n"), "KAIROS_EOF",
                    f"chmod 755 {DRACUT_MODULE_DIR}/{name}"]
-    tty = SERIAL_CONSOLE[b.arch]
+    tty = qemu.SERIAL[b.arch]  # a getty where the boot stage watches (the kernel console gets one anyway)
     return "\n".join([
         "set -eu",
         "if ! command -v apt-get >/dev/null 2>&1; then",
