@@ -165,7 +165,7 @@ def lock_state(paths: Paths, argv: list[str]) -> None:
     global _LOCK_HANDLE
     if command_of(argv) in READ_ONLY_COMMANDS:
         return
-    lock = paths.state / "lock"
+    lock = paths.lock_file
     handle = open(lock, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -37,6 +37,15 @@ class Paths:
     def dep_file(self) -> Path:
         return self.state / "doit.db"
 
+    @property
+    def lock_file(self) -> Path:
+        """Held (flock) by the doit run using this state directory."""
+        return self.state / "lock"
+
+    def trivy_cache(self, tag: str) -> Path:
+        """trivy's --cache-dir for one vulnerability database (``tag`` names it)."""
+        return self.state / "trivy-cache" / tag
+
     def _digest(self, kind: str, ident: str) -> Path:
         """Small file holding one digest/ID: the thing downstream tasks depend on."""
         return self.state / kind / f"{ident}.digest"
@@ -96,6 +105,10 @@ class Paths:
 
     def rootfs_tar(self, ident: str) -> Path:
         return self.state / "rootfs" / f"{ident}.tar"
+
+    def boot_logs(self, b) -> Path:
+        """Serial logs of the boot stage's runs of ``b`` (kept when a boot fails)."""
+        return self.state / "boot" / b.stem
 
     def tmp_dir(self) -> Path:
         return self.state / "tmp"

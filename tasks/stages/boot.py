@@ -177,7 +177,7 @@ def record(paths: Paths, b: Build, step: Step, result: qemu.Boot | None) -> dict
 
 
 def boot(paths: Paths, b: Build) -> None:
-    work = paths.state / "boot" / b.stem
+    work = paths.boot_logs(b)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     records, logs, failed = [], [], []

@@ -121,7 +121,7 @@ def trivy_cache(paths: Paths, flavor: Flavor) -> Path:
     point its db/ at the configured (read-only) database."""
     db = flavor.scan.trivy_db
     tag = hashlib.sha256(str(db).encode()).hexdigest()[:10] if db else "nodb"
-    cache = paths.state / "trivy-cache" / tag
+    cache = paths.trivy_cache(tag)
     cache.mkdir(parents=True, exist_ok=True)
     if db is not None:
         link = cache / "db"
