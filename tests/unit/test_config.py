@@ -151,7 +151,7 @@ def test_directory_loads_yaml_and_yml_sorted_and_ignores_the_rest(write_flavor):
     assert [(f.path.name, f.flavor) for f in flavors] == [("a.yml", "aaa"), ("b.yaml", "bbb"), ("z.yaml", "zzz")]
 
 
-@pytest.mark.parametrize("name", ["upstream", "debian-12.yaml"])
+@pytest.mark.parametrize("name", ["upstream", "examples", "debian-12.yaml"])
 def test_repository_flavors_are_valid(name):
     flavors = load_flavors([ROOT / "flavors" / name])
     assert flavors
