@@ -15,8 +15,9 @@ qemu runs under TCG (KVM opens but fails on the machines this is tested on).
 
 Writes `<stem>-boot.json` (per boot: artifact, firmware, passed, seconds to the login prompt,
 the qemu command line, the last serial lines; skipped boots with the reason) and
-`<stem>-boot.log` (every serial log). On a failed boot nothing is written to outputs; the
-serial logs stay under the state directory and the message names them.
+`<stem>-boot.log` (every serial log). The first failed boot fails the task (a boot stops early
+when the console shows a failure such as `dracut: FATAL` or a kernel panic); nothing is then
+written to outputs, the serial logs stay under the state directory and the message names them.
 """
 from __future__ import annotations
 
@@ -180,7 +181,7 @@ def boot(paths: Paths, b: Build) -> None:
     work = paths.boot_logs(b)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    records, logs, failed = [], [], []
+    records, logs = [], []
     for step in plan(b):
         if step.skip:
             say(f"    {step.name}: skipped: {step.skip}")
@@ -189,13 +190,11 @@ def boot(paths: Paths, b: Build) -> None:
         result = boot_one(paths, b, step, work)
         records.append(record(paths, b, step, result))
         logs.append(f"===== {step.name}: {' '.join(result.argv)}\n{result.serial}")
-        if not result.passed:
-            failed.append((step, result))
-    if failed:
-        step, result = failed[0]
-        raise KairosError(f"{paths.artifact(b, step.suffix).name} ({step.how}) did not reach the login prompt "
-                          f"of {b.stem} within {b.flavor.boot.timeout}s (serial logs in {work}); last serial "
-                          f"lines:\n" + "\n".join("    " + l for l in result.tail(SERIAL_TAIL).splitlines()))
+        if not result.passed:  # the first failure fails the build: no need to boot the rest
+            why = f"stopped before the login prompt of {b.stem}" if any(f in result.serial for f in qemu.FAILURES) \
+                else f"did not reach the login prompt of {b.stem} within {b.flavor.boot.timeout}s"
+            raise KairosError(f"{paths.artifact(b, step.suffix).name} ({step.how}) {why} (serial logs in {work}); "
+                              "last serial lines:\n" + "\n".join("    " + l for l in result.tail(SERIAL_TAIL).splitlines()))
     report, serial = paths.outputs_of(b, "boot")
     with atomic_path(serial) as tmp:
         tmp.write_text("\n".join(logs))

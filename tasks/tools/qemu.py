@@ -18,7 +18,8 @@ from ..run import require_tool
 
 LOGIN = "login:"
 # serial output after which no login prompt will come: stop waiting at once
-FAILURES = ("Kernel panic", "Entering emergency mode", "emergency shell", "(initramfs)", "Could not boot")
+FAILURES = ("Kernel panic", "Entering emergency mode", "emergency shell", "(initramfs)", "Could not boot",
+            "dracut: FATAL", "reboot: System halted", "reboot: Power down")
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 SERIAL = {"amd64": "ttyS0", "arm64": "ttyAMA0"}  # the emulated machines' serial consoles
