@@ -131,7 +131,8 @@ def drop_namespace(client, namespace: str) -> None:
     registry (blobs go at the registry's next garbage collection, which ci/setup.sh runs)."""
     path = namespace.split("/", 1)[1]
     for image in client.images.list():
-        if any(t.startswith(namespace + "/") for t in image.tags):
+        # tagged, or left untagged by a later build under the same tag (known by its repo digest)
+        if any(t.startswith(namespace + "/") for t in image.tags + (image.attrs.get("RepoDigests") or [])):
             try:
                 client.images.remove(image.id, force=True)
             except docker.errors.APIError:

@@ -18,6 +18,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import docker.errors
 import pytest
 
 from tasks.config import load_flavors
@@ -66,11 +67,18 @@ class SpareRegistry:
 
 
 @pytest.fixture
-def spare_registry(tmp_path):
+def spare_registry(tmp_path, engine):
     registry = SpareRegistry(tmp_path)
     registry.start()
     yield registry
     registry.kill()
+    # the images tagged for the spare registry are this test's: drop them with its storage
+    for image in engine.images.list():
+        if any(t.startswith(SPARE + "/") for t in image.tags + (image.attrs.get("RepoDigests") or [])):
+            try:
+                engine.images.remove(image.id, force=True)
+            except docker.errors.APIError:
+                pass  # best effort, like the session's own clean-up
 
 
 def run_until(ws: Workspace, args: list[str], line: str, then) -> Result:
