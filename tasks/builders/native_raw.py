@@ -55,6 +55,7 @@ EXT4_SLACK = 48 * MIB            # journal, inode tables and reserved metadata o
 
 KERNEL_NAME = "vmlinuz"          # names inside the firmware partition
 INITRD_NAME = "initrd.img"
+CMDLINE_NAME = "cmdline.txt"     # the kernel command line the Raspberry Pi firmware reads
 STATE_IMAGE = "cOS/active.squashfs"
 RECOVERY_IMAGE = "cOS/recovery.squashfs"
 
@@ -329,10 +330,10 @@ def rpi_boot_files(work: Path, device: str, kernel: Path, initrd: Path, firmware
                    dtbs: list[Path], live: bool = False) -> dict[str, Path]:
     """FAT path -> source file for a Raspberry Pi firmware partition (writes the two text files)."""
     (work / "config.txt").write_text(config_txt(device))
-    (work / "cmdline.txt").write_text(cmdline_txt(device, live))
+    (work / CMDLINE_NAME).write_text(cmdline_txt(device, live))
     files = {f.name: f for f in [*firmware, *dtbs]}
     files.update({KERNEL_NAME: kernel, INITRD_NAME: initrd, "config.txt": work / "config.txt",
-                  "cmdline.txt": work / "cmdline.txt"})
+                  CMDLINE_NAME: work / CMDLINE_NAME})
     return files
 
 

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..builders import native_raw
 from ..graph import Context, action, task
 from ..matrix import Build
 from ..run import KairosError, UsageError, run, say
@@ -109,11 +110,12 @@ def rpi_boot_files(img: Path, work: Path) -> tuple[Path, Path, str]:
     table = json.loads(run(["sfdisk", "-J", str(img)], capture=True, what=f"read the partitions of {img.name}"))
     start = table["partitiontable"]["partitions"][0]["start"] * 512
     files = {}
-    for name in ("vmlinuz", "initrd.img", "cmdline.txt"):
+    for name in (native_raw.KERNEL_NAME, native_raw.INITRD_NAME, native_raw.CMDLINE_NAME):
         files[name] = work / name
         run(["mcopy", "-n", "-i", f"{img}@@{start}", f"::/{name}", str(files[name])],
             what=f"read {name} from {img.name}")
-    return files["vmlinuz"], files["initrd.img"], files["cmdline.txt"].read_text()
+    kernel, initrd, cmdline = files.values()
+    return kernel, initrd, cmdline.read_text()
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):

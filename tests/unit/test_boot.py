@@ -67,3 +67,19 @@ def test_release_notes_list_the_boots(make_build):
     text = release_notes("v3.1.0", [b], [record], {})
     assert f"| `{b.stem}.iso` | bios | login prompt after 72 s |" in text
     assert f"| `{b.stem}-ipxe.iso` | netboot | skipped: served elsewhere |" in text
+
+
+def test_serving_outputs_for_a_netboot_on_localhost(tmp_path):
+    import socket
+    import urllib.request
+    from tasks.run import UsageError
+    (tmp_path / "x-kernel").write_bytes(b"KERNEL")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with boot.serving(tmp_path, port):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/x-kernel", timeout=5) as reply:
+            assert reply.read() == b"KERNEL"
+        with pytest.raises(UsageError, match=f"cannot serve the netboot files on 127.0.0.1:{port}"):
+            with boot.serving(tmp_path, port):  # the port is taken by the first server
+                pass

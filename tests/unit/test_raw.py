@@ -340,6 +340,26 @@ def _fat_listing(fs: Path, path: str = "::/") -> str:
                           env={"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"}).stdout
 
 
+def test_boot_stage_reads_kernel_initrd_and_cmdline_of_a_real_rpi_disk(tmp_path):
+    """The boot stage's reader (sfdisk -J + mcopy at the FAT's offset) on a disk built by the real tools."""
+    from tasks.stages import boot
+    kernel, initrd, squash = _fake_inputs(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    fw = []
+    for name in ("start4.elf", "fixup4.dat", "bcm2711-rpi-4-b.dtb"):
+        (tmp_path / name).write_bytes(name.encode())
+        fw.append(tmp_path / name)
+    files = n.rpi_boot_files(work, "rpi4", kernel, initrd, fw[:2], fw[2:], live=True)
+    img = tmp_path / "disk.img"
+    n.build_disk(img, work, "seed", files, squash, "c")
+    out = tmp_path / "read"
+    out.mkdir()
+    got_kernel, got_initrd, cmdline = boot.rpi_boot_files(img, out)
+    assert got_kernel.read_bytes() == kernel.read_bytes() and got_initrd.read_bytes() == initrd.read_bytes()
+    assert cmdline == n.cmdline_txt("rpi4", live=True)
+
+
 @pytest.mark.parametrize("kind", ["rpi4", "generic"])
 def test_build_disk_with_real_tools(tmp_path, kind):
     """build_disk end to end on small fake inputs: table as planned, clean file systems."""
