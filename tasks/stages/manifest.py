@@ -123,11 +123,11 @@ def release_notes(version: str, builds: list[Build], records: list[dict], carrie
     for record in records:
         for o in record["outputs"]:
             out.append(f"| `{o['name']}` | {o['size']} | `{o['sha256']}` |")
-    boots = [(r["stem"], one) for r in records for one in (r.get("boot") or [])]
+    boots = [one for r in records for one in (r.get("boot") or [])]
     if boots:
         out += ["", "## Boot checks", "", "Each bootable artifact was booted in qemu to its login prompt.", "",
                 "| Artifact | Firmware | Result |", "|---|---|---|"]
-        for _, one in boots:
+        for one in boots:
             result = f"skipped: {one['skipped']}" if one.get("skipped") else f"login prompt after {one['seconds']:.0f} s"
             out.append(f"| `{one['artifact']}` | {one['firmware']} | {result} |")
     out += ["", "## Images", ""]
