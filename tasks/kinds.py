@@ -137,13 +137,15 @@ BOOTABLE = ("iso", "raw", "ipxe")              # what the boot stage boots
 RUN_AURORABOOT = "run the AuroraBoot container (builder: auroraboot)"
 
 REGISTRY: tuple[Kind, ...] = (
-    Kind("iso", "Build <stem>.iso: BIOS+EFI live ISO (volume COS_LIVE) from kernel, initrd and squashfs.",
+    Kind("iso", "Build <stem>.iso: live ISO (volume COS_LIVE; amd64 BIOS+EFI, arm64 EFI) from kernel, initrd, squashfs.",
          stage="iso", suffixes=(".iso",), checksummed=True, devices=("generic",),
          built_from=BOOT_FILES, built_from_when=native,
          needs=(Need("docker", RUN_AURORABOOT, auroraboot),
-                Need("grub-mkrescue", "build the BIOS+EFI bootable ISO", native),
+                Need("grub-mkrescue", "build the bootable ISO", native),
                 Need("xorriso", "write the ISO image (grub-mkrescue calls it)", native),
-                Need("mformat", "build the ISO's EFI system image (grub-mkrescue calls it)", native))),
+                Need("mformat", "build the ISO's EFI system image (grub-mkrescue calls it)", native),
+                Need("unsquashfs", "take the image's arm64 grub modules out of its squashfs",
+                     lambda b: native(b) and b.arch == "arm64"))),
     Kind("raw", "Build the raw disk <stem>.img (rpi3/rpi4 firmware boot; generic amd64 EFI with raw_generic).",
          stage="raw", suffixes=(".img",), checksummed=True,
          applies=lambda b: board(b) or b.flavor.raw_generic,  # generic raw images only when asked

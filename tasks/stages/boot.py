@@ -4,6 +4,7 @@ build's stem (`Kairos <stem> (<tty>)`), or the build fails with the last serial 
 
 What boots how (`plan()`; the flavor's `boot: {timeout, firmware, memory}`):
 - `<stem>.iso` (amd64): from CD-ROM under each of `boot.firmware` (`bios`: SeaBIOS, `uefi`: OVMF);
+- `<stem>.iso` (arm64): from a virtio-scsi CD-ROM on qemu's `virt` machine under AAVMF (UEFI only);
 - `<stem>.img`, generic amd64: as a virtio disk under OVMF;
 - `<stem>.img`, rpi3/rpi4: qemu's `virt` machine has no Raspberry Pi firmware, so the kernel,
   initrd and `cmdline.txt` are read from the image's own boot partition (console moved to
@@ -11,7 +12,8 @@ What boots how (`plan()`; the flavor's `boot: {timeout, firmware, memory}`):
 - `<stem>-ipxe.iso`: with user networking, when `netboot_url` is `http://10.0.2.2:PORT` (qemu's
   address of this machine): an HTTP server on 127.0.0.1:PORT serves outputs/<version>/ while it
   boots. Any other netboot_url is served elsewhere: that boot is recorded as skipped.
-qemu runs under TCG (KVM opens but fails on the machines this is tested on).
+amd64 guests run under KVM when it works here, else under TCG (`qemu.accelerator()`; on the
+machines this is tested on /dev/kvm opens but fails, so TCG); arm64 guests under TCG.
 
 Writes `<stem>-boot.json` (per boot: artifact, firmware, passed, seconds to the login prompt,
 the qemu command line, the last serial lines; skipped boots with the reason) and
@@ -69,8 +71,8 @@ def plan(b: Build) -> list[Step]:
     if "iso" in b.kinds:
         if b.arch == "amd64":
             steps += [Step("iso", ".iso", fw) for fw in b.flavor.boot.firmware]
-        else:
-            steps.append(Step("iso", ".iso", "uefi", skip=f"booting {b.arch} ISOs is not supported yet"))
+        else:  # arm64 ISOs are EFI only
+            steps.append(Step("iso", ".iso", "uefi"))
     if "raw" in b.kinds:
         if b.device != "generic":
             steps.append(Step("raw", ".img", "virt"))
@@ -144,17 +146,16 @@ def serving(directory: Path, port: int):
 def argv_for(paths: Paths, b: Build, step: Step, log: Path, work: Path) -> list[str]:
     memory = b.flavor.boot.memory
     artifact = paths.artifact(b, step.suffix)
+    media = {"cdrom": artifact} if step.kind in ("iso", "ipxe") else {"disk": artifact}
     if step.how == "virt":
         kernel, initrd, cmdline = rpi_boot_files(artifact, work)
         return qemu.virt_arm64_argv(log, kernel, initrd, qemu.serial_cmdline(cmdline, b.arch), disk=artifact,
                                     memory=memory)
-    uefi = None
-    if step.how == "uefi":
-        if not (qemu.OVMF_CODE.is_file() and qemu.OVMF_VARS.is_file()):
-            raise UsageError(f"cannot find the UEFI firmware {qemu.OVMF_CODE}; install Debian package ovmf")
-        uefi = qemu.fresh_vars(work)
-    media = {"cdrom": artifact} if step.kind in ("iso", "ipxe") else {"disk": artifact}
-    return qemu.x86_argv(log, memory=memory, uefi_vars=uefi, net=step.how == "netboot", **media)
+    if b.arch == "arm64":
+        return qemu.uefi_arm64_argv(log, qemu.fresh_vars(work, qemu.AAVMF_VARS), memory=memory, **media)
+    uefi = qemu.fresh_vars(work) if step.how == "uefi" else None
+    return qemu.x86_argv(log, accel=qemu.accelerator(b.arch), memory=memory, uefi_vars=uefi,
+                         net=step.how == "netboot", **media)
 
 
 def boot_one(paths: Paths, b: Build, step: Step, work: Path) -> qemu.Boot:
@@ -175,7 +176,8 @@ def record(paths: Paths, b: Build, step: Step, result: qemu.Boot | None) -> dict
     out = {"artifact": paths.artifact(b, step.suffix).name, "firmware": step.how}
     if result is None:
         return dict(out, passed=None, skipped=step.skip)
-    return dict(out, passed=result.passed, seconds=round(result.seconds, 1), qemu=" ".join(result.argv),
+    accel = result.argv[result.argv.index("-accel") + 1]
+    return dict(out, passed=result.passed, seconds=round(result.seconds, 1), accel=accel, qemu=" ".join(result.argv),
                 last_serial_lines=result.tail(SERIAL_TAIL).splitlines())
 
 
@@ -193,8 +195,11 @@ def boot(paths: Paths, b: Build) -> None:
         records.append(record(paths, b, step, result))
         logs.append(f"===== {step.name}: {' '.join(result.argv)}\n{result.serial}")
         if not result.passed:  # the first failure fails the build: no need to boot the rest
-            why = f"stopped before the login prompt of {b.stem}" if any(f in result.serial for f in qemu.FAILURES) \
+            why = f"stopped before the login prompt of {b.stem}" \
+                if any(f in result.serial for f in qemu.FAILURES + qemu.STOPPED) \
                 else f"did not reach the login prompt of {b.stem} within {b.flavor.boot.timeout}s"
+            if "-accel kvm" in " ".join(result.argv):
+                why += f" under KVM (if KVM misbehaves here, {qemu.ACCEL_ENV}=tcg boots under TCG)"
             raise KairosError(f"{paths.artifact(b, step.suffix).name} ({step.how}) {why} (serial logs in {work}); "
                               "last serial lines:\n" + "\n".join("    " + l for l in result.tail(SERIAL_TAIL).splitlines()))
     report, serial = paths.outputs_of(b, "boot")

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from .. import naming
+from ..builders import native_iso
 from ..graph import Context, action, task
 from ..matrix import Build
 from ..run import run, say
@@ -89,9 +90,13 @@ DRACUT_MODULE_DIR = "/usr/lib/dracut/modules.d/90kairos-live"
 def builtin_packages(b: Build) -> list[str]:
     """Debian packages the builtin converter installs besides the kernel (pure): dracut with
     its live and network modules (network-legacy needs pgrep and dhclient, livenet curl), zstd
-    for the initrd, CA certificates for https netboot, systemd as init, and the flavor's own."""
+    for the initrd, CA certificates for https netboot, systemd as init, the grub modules the
+    native ISO builder takes from generic images of arches the host has no grub for, and the
+    flavor's own."""
+    grub = [native_iso.GRUB_FROM_IMAGE[b.arch]] if b.device == "generic" and b.arch in native_iso.GRUB_FROM_IMAGE \
+        else []
     return ["dracut", "dracut-live", "dracut-network", "zstd", "procps", "isc-dhcp-client", "curl", "ca-certificates",
-            "systemd-sysv", *b.flavor.builtin.packages]
+            "systemd-sysv", *grub, *b.flavor.builtin.packages]
 
 
 def builtin_script(b: Build) -> str:

@@ -2,7 +2,8 @@
 
 Two back ends, chosen by the flavor's `builder`:
 - native (default): grub-mkrescue/xorriso on the build's `-kernel`, `-initrd` and
-  `.squashfs` (tasks/builders/native_iso.py). Depends on their small .sha256 files.
+  `.squashfs` (tasks/builders/native_iso.py). Depends on their small .sha256 files. amd64
+  ISOs boot on BIOS and EFI, arm64 ISOs on EFI (grub modules from the image).
 - auroraboot: the AuroraBoot container's build-iso on the converted image
   (tasks/builders/auroraboot.py). Depends on the image digest files.
 """
@@ -52,11 +53,13 @@ def key(b: Build) -> str:
                                                        Path("CC") if b.flavor.cloud_config else None),
                            "stage": STAGE_VERSION}, sort_keys=True)
     kernel, initrd, squashfs = (Path(name) for name in boot_file_names(b.stem))
+    modules = Path("image-grub") if b.arch in native_iso.GRUB_FROM_IMAGE else None
     return json.dumps({"builder": "native",
-                       "grub.cfg": native_iso.grub_cfg(title(b), native_iso.kernel_cmdline()),
+                       "grub.cfg": native_iso.config(title(b), b.arch),
                        "argv": native_iso.mkrescue_argv(
                            Path(KINDS["iso"].files(b.stem)[0]), Path("grub.cfg"), kernel, initrd, squashfs,
-                           cloud_config=Path("cloud-config.yaml") if b.flavor.cloud_config else None),
+                           cloud_config=Path("cloud-config.yaml") if b.flavor.cloud_config else None,
+                           modules=modules),
                        "stage": STAGE_VERSION}, sort_keys=True)
 
 
@@ -90,7 +93,7 @@ def tasks(ctx: Context, kind: str):
         out, = ctx.paths.outputs_of(b, kind)
         source = "AuroraBoot" if b.flavor.builder == "auroraboot" else \
             "grub-mkrescue" if native_supported(b) else f"native builder: {b.arch} not supported yet"
-        yield task(b.stem, f"{out.name} ({source}, BIOS+EFI, volume {native_iso.VOLUME_ID})",
+        yield task(b.stem, f"{out.name} ({source}, {native_iso.firmware(b.arch)}, volume {native_iso.VOLUME_ID})",
                    action(build, ctx.paths, b, out),
                    file_dep=file_dep(ctx.paths, b) + ([b.flavor.cloud_config] if b.flavor.cloud_config else []),
                    targets=ctx.paths.targets_of(b, kind), key=key(b))

@@ -3,27 +3,44 @@
 Pure argv builders (one per way of booting) and one runner, `boot()`, which starts qemu,
 polls the serial log until every wanted marker is there (a boot is the login prompt and the
 build's own stem from /etc/issue, never "the kernel started"), or qemu exits, or the timeout
-passes, and always kills qemu. The accelerator is the caller's (KVM opens but fails on the
-machines this is tested on: tcg there).
+passes, and always kills qemu.
+
+The accelerator (`accelerator()`): KVM for amd64 guests when /dev/kvm works, else TCG. "Works"
+is measured, not assumed: on nested machines /dev/kvm opens but OVMF stops with `KVM internal
+error` and iPXE's option ROM hangs, so two short probe boots (OVMF to its boot manager, SeaBIOS
+through iPXE to `No bootable device`) must pass under KVM first. `KAIROS_BOOT_ACCEL=kvm|tcg`
+overrides the probe.
 """
 from __future__ import annotations
 
+import functools
+import os
+import platform
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..run import require_tool
+from ..run import UsageError, require_tool, say
 
 LOGIN = "login:"
 # serial output after which no login prompt will come: stop waiting at once
 FAILURES = ("Kernel panic", "Entering emergency mode", "emergency shell", "(initramfs)", "Could not boot",
             "dracut: FATAL", "reboot: System halted", "reboot: Power down")
-OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+# qemu stopped the guest: nothing more will come on the serial console
+STOPPED = ("KVM internal error",)
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")    # Debian package ovmf
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+AAVMF_CODE = Path("/usr/share/AAVMF/AAVMF_CODE.fd")    # Debian package qemu-efi-aarch64
+AAVMF_VARS = Path("/usr/share/AAVMF/AAVMF_VARS.fd")
+FIRMWARE_PACKAGES = {OVMF_CODE: "ovmf", AAVMF_CODE: "qemu-efi-aarch64"}
 SERIAL = {"amd64": "ttyS0", "arm64": "ttyAMA0"}  # the emulated machines' serial consoles
 POLL_SECONDS = 1.0
+ACCEL_ENV = "KAIROS_BOOT_ACCEL"
+ACCELS = ("kvm", "tcg")
+PROBE_SECONDS = 20
 
 
 @dataclass(frozen=True)
@@ -64,15 +81,34 @@ def x86_argv(log: Path, *, accel: str = "tcg", memory: int = 2048, cdrom: Path |
     return argv
 
 
+def _virt(log: Path, memory: int) -> list[str]:
+    return ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a57", *_common("tcg", memory, log)]
+
+
 def virt_arm64_argv(log: Path, kernel: Path, initrd: Path, append: str, *, disk: Path | None = None,
                     memory: int = 2048) -> list[str]:
     """qemu-system-aarch64 -M virt with a direct kernel boot (pure): the kernel, initrd and command
     line taken from an image's boot partition, the image itself as the virtio disk."""
-    argv = ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a57", *_common("tcg", memory, log),
-            "-kernel", str(kernel), "-initrd", str(initrd), "-append", append, "-nic", "none"]
+    argv = [*_virt(log, memory), "-kernel", str(kernel), "-initrd", str(initrd), "-append", append, "-nic", "none"]
     if disk is not None:
         argv += ["-drive", f"file={disk},format=raw,if=virtio,snapshot=on"]
     return argv
+
+
+def uefi_arm64_argv(log: Path, uefi_vars: Path, *, cdrom: Path | None = None, disk: Path | None = None,
+                    memory: int = 2048, aavmf_code: Path = AAVMF_CODE) -> list[str]:
+    """qemu-system-aarch64 -M virt booting a CD-ROM (virtio-scsi) or a raw disk under AAVMF, the
+    arm64 UEFI firmware (pure); ``uefi_vars`` is a writable copy of AAVMF's VARS."""
+    argv = [*_virt(log, memory),
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={aavmf_code}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={uefi_vars}"]
+    if cdrom is not None:
+        argv += ["-device", "virtio-scsi-pci,id=scsi0",
+                 "-drive", f"if=none,id=cd0,media=cdrom,readonly=on,format=raw,file={cdrom}",
+                 "-device", "scsi-cd,bus=scsi0.0,drive=cd0"]
+    if disk is not None:
+        argv += ["-drive", f"file={disk},format=raw,if=virtio,snapshot=on"]
+    return argv + ["-nic", "none"]
 
 
 def serial_cmdline(cmdline: str, arch: str) -> str:
@@ -83,10 +119,78 @@ def serial_cmdline(cmdline: str, arch: str) -> str:
 
 
 def fresh_vars(workdir: Path, template: Path = OVMF_VARS) -> Path:
-    """A writable copy of OVMF's variable store for one boot."""
-    copy = Path(workdir) / "OVMF_VARS.fd"
+    """A writable copy of a UEFI firmware's variable store (OVMF's unless ``template``) for one boot."""
+    code = {OVMF_VARS: OVMF_CODE, AAVMF_VARS: AAVMF_CODE}.get(template)
+    if code is not None and not (code.is_file() and template.is_file()):
+        raise UsageError(f"cannot find the UEFI firmware {code}; install Debian package {FIRMWARE_PACKAGES[code]}")
+    copy = Path(workdir) / template.name
     shutil.copyfile(template, copy)
     return copy
+
+
+# --- the accelerator -----------------------------------------------------------------------
+
+def probe_argvs(workdir: Path) -> list[tuple[list[str], Path, str]]:
+    """The KVM probes (pure but for the paths): (argv, log, what the log shows when the probe passed).
+    OVMF reaching its boot manager, and SeaBIOS running virtio-net's iPXE ROM to its end."""
+    vars_copy = workdir / OVMF_VARS.name
+    ovmf = ["qemu-system-x86_64", "-accel", "kvm", "-m", "256", "-display", "none", "-monitor", "none",
+            "-no-reboot", "-nodefaults", "-serial", f"file:{workdir / 'ovmf.log'}",
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]
+    ipxe = ["qemu-system-x86_64", "-accel", "kvm", "-m", "256", "-display", "none", "-monitor", "none",
+            "-no-reboot", "-nodefaults", "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0", "-boot", "n",
+            "-chardev", f"file,id=dbg,path={workdir / 'seabios.log'}", "-device", "isa-debugcon,iobase=0x402,chardev=dbg"]
+    return [(ovmf, workdir / "ovmf.log", "BdsDxe"), (ipxe, workdir / "seabios.log", "No bootable device")]
+
+
+def _probe(argv: list[str], log: Path, wanted: str, timeout: float) -> bool:
+    err = log.with_suffix(".err")
+    with open(err, "wb") as stderr:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < timeout and proc.poll() is None:
+            time.sleep(0.25)
+            if wanted in _read(log):
+                return not any(s in _read(err) for s in STOPPED)
+            if any(s in _read(err) for s in STOPPED):
+                return False
+        return False
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def kvm_works(timeout: float = PROBE_SECONDS) -> bool:
+    """Whether amd64 guests run under KVM here: /dev/kvm opens read-write and both probes pass."""
+    if platform.machine() != "x86_64" or not os.access("/dev/kvm", os.R_OK | os.W_OK) \
+            or not shutil.which("qemu-system-x86_64") or not OVMF_CODE.is_file():
+        return False
+    with tempfile.TemporaryDirectory(prefix="kairos-kvm-probe-") as tmp:
+        work = Path(tmp)
+        shutil.copyfile(OVMF_VARS, work / OVMF_VARS.name)
+        return all(_probe(argv, log, wanted, timeout) for argv, log, wanted in probe_argvs(work))
+
+
+@functools.cache
+def _kvm_works() -> bool:
+    works = kvm_works()
+    say(f"    /dev/kvm: {'KVM works' if works else 'KVM unusable here (probe boots failed)'}; amd64 boots use "
+        f"{'kvm' if works else 'tcg'} (set {ACCEL_ENV}=kvm|tcg to choose)")
+    return works
+
+
+def accelerator(arch: str, environ=os.environ) -> str:
+    """kvm or tcg for a guest of ``arch`` on this machine (the probe runs once per process)."""
+    chosen = environ.get(ACCEL_ENV, "").strip()
+    if chosen:
+        if chosen not in ACCELS:
+            raise UsageError(f"{ACCEL_ENV}={chosen}: expected one of {', '.join(ACCELS)}")
+        if chosen == "kvm" and arch != "amd64":
+            raise UsageError(f"{ACCEL_ENV}=kvm: {arch} guests cannot use KVM on this amd64 host; unset it or use tcg")
+        return chosen
+    return "kvm" if arch == "amd64" and _kvm_works() else "tcg"
 
 
 def _read(log: Path) -> str:
@@ -103,7 +207,9 @@ def boot(argv: list[str], log: Path, wanted: tuple[str, ...], timeout: float,
     require_tool(argv[0], "boot the artifact in an emulator")
     log = Path(log)
     log.unlink(missing_ok=True)
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    err = log.with_name(log.name + ".stderr")
+    with open(err, "wb") as stderr:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
     started = time.monotonic()
     passed = False
     try:
@@ -113,9 +219,12 @@ def boot(argv: list[str], log: Path, wanted: tuple[str, ...], timeout: float,
             if all(w in text for w in wanted):
                 passed = True
                 break
-            if proc.poll() is not None or any(f in text for f in failures):
+            if proc.poll() is not None or any(f in text for f in failures) or any(s in _read(err) for s in STOPPED):
                 break
     finally:
         proc.kill()
         proc.wait(timeout=30)
-    return Boot(passed, time.monotonic() - started, _read(log), tuple(argv))
+    serial, qemu_err = _read(log), _read(err).strip()
+    if qemu_err and not passed:  # qemu's own complaint (bad option, KVM error) ends the log
+        serial += "\n[qemu] " + "\n[qemu] ".join(qemu_err.splitlines()[-5:])
+    return Boot(passed, time.monotonic() - started, serial, tuple(argv))

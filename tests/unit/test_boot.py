@@ -19,7 +19,8 @@ URL = "http://10.0.2.2:8080"
     (dict(artifacts=("ipxe", "boot"), netboot_url="https://boot.example.com/kairos"),
      [("ipxe", "netboot", "netboot_url https://boot.example.com/kairos is not http://10.0.2.2:PORT, qemu's "
        "address of this machine: the netboot files are served elsewhere")]),
-    (dict(artifacts=("iso", "boot"), arch="arm64"), [("iso", "uefi", "booting arm64 ISOs is not supported yet")]),
+    (dict(artifacts=("iso", "boot"), arch="arm64"), [("iso", "uefi", None)]),      # AAVMF: arm64 ISOs are EFI only
+    (dict(artifacts=("iso", "boot"), arch="arm64", boot=BootOptions(firmware=("bios",))), [("iso", "uefi", None)]),
 ])
 def test_plan(make_build, fields, steps):
     assert [(s.kind, s.how, s.skip) for s in boot.plan(make_build(**fields))] == steps
@@ -48,6 +49,20 @@ def test_markers_and_inputs(make_build, tmp_path):
     paths = Paths(tmp_path / "s", tmp_path / "o")
     assert [p.name for p in boot.inputs(paths, b)] == [f"{b.stem}.iso.sha256", f"{b.stem}.iso.sha256",
                                                         f"{b.stem}.img.sha256"]
+
+
+def test_arm64_iso_boots_from_a_scsi_cdrom_under_aavmf(make_build, tmp_path):
+    from tasks.state import Paths
+    from tasks.tools import qemu
+    b = make_build(arch="arm64", artifacts=("iso", "boot"))
+    paths = Paths(tmp_path / "s", tmp_path / "o")
+    (step,) = boot.plan(b)
+    argv = boot.argv_for(paths, b, step, tmp_path / "serial.log", tmp_path)
+    assert argv[:5] == ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a57"]
+    assert f"if=pflash,format=raw,unit=0,readonly=on,file={qemu.AAVMF_CODE}" in argv
+    assert f"if=pflash,format=raw,unit=1,file={tmp_path / 'AAVMF_VARS.fd'}" in argv
+    assert (tmp_path / "AAVMF_VARS.fd").read_bytes() == qemu.AAVMF_VARS.read_bytes()  # a fresh copy per boot
+    assert f"if=none,id=cd0,media=cdrom,readonly=on,format=raw,file={paths.artifact(b, '.iso')}" in argv
 
 
 def test_key_changes_with_the_options(make_build):

@@ -123,14 +123,18 @@ def test_dockerfile_builtin_from_mmdebstrap_seed(make_build):
     assert re.fullmatch(rf"FROM 127\.0\.0\.1:5000/kairos/base-mmdebstrap@{BASE}", first), first
 
 
-@pytest.mark.parametrize("packages, arch, tty", [((), "amd64", "ttyS0"), (("openssh-server", "vim"), "arm64", "ttyAMA0")])
-def test_builtin_script_is_valid_shell(make_build, packages, arch, tty):
-    b = make_build(builtin=BuiltinOptions(packages=packages), arch=arch, **BUILTIN)
+@pytest.mark.parametrize("packages, arch, device, tty, grub", [
+    ((), "amd64", "generic", "ttyS0", []),                    # the host's grub builds amd64 ISOs
+    (("openssh-server", "vim"), "arm64", "generic", "ttyAMA0", ["grub-efi-arm64-bin"]),  # arm64 ISOs: the image's
+    ((), "arm64", "rpi4", "ttyAMA0", []),                     # firmware boot, no grub
+])
+def test_builtin_script_is_valid_shell(make_build, packages, arch, device, tty, grub):
+    b = make_build(builtin=BuiltinOptions(packages=packages), arch=arch, device=device, **BUILTIN)
     script = builtin_script(b)
     run(["sh", "-n"], feed=[script.encode()])  # syntax check by a real shell
     install = next(l for l in script.splitlines() if l.startswith("apt-get install"))
     assert install.split()[4:] == ['"$kernel"', "dracut", "dracut-live", "dracut-network", "zstd", "procps",
-                                   "isc-dhcp-client", "curl", "ca-certificates", "systemd-sysv", *packages]
+                                   "isc-dhcp-client", "curl", "ca-certificates", "systemd-sysv", *grub, *packages]
     assert "export DEBIAN_FRONTEND=noninteractive INITRD=No" in script  # no initrd from the kernel postinst
     assert 'dracut --no-hostonly --force --kver "$kver" "initrd.img-$kver"' in script
     assert f"getty.target.wants/serial-getty@{tty}.service" in script

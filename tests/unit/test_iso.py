@@ -10,7 +10,7 @@ from tasks.builders import native_iso
 from tasks.builders.native_iso import (check_arch, graft, grub_cfg, kernel_cmdline, mkrescue_argv)
 from tasks.graph import Context
 from tasks.kinds import KINDS
-from tasks.run import UsageError
+from tasks.run import UsageError, run
 from tasks.stages import iso, preflight
 from tasks.state import Paths
 
@@ -26,6 +26,10 @@ LIVE = ("root=live:CDLABEL=COS_LIVE rd.live.dir=/ rd.live.squashimg=rootfs.squas
 ])
 def test_kernel_cmdline(volume, extra, expected):
     assert kernel_cmdline(volume, extra) == expected
+
+
+def test_kernel_cmdline_arm64_uses_the_pl011_console():
+    assert kernel_cmdline(arch="arm64") == LIVE.replace("console=ttyS0", "console=ttyAMA0")
 
 
 def test_serial_console_is_last_so_it_is_dev_console():
@@ -67,6 +71,14 @@ def test_grub_cfg(title, timeout, speed, lines):
     assert got.index("terminal_output console serial") < menu
 
 
+def test_grub_cfg_without_serial_for_arm64():
+    """arm64 EFI firmware mirrors its console to the serial port: no grub serial terminal."""
+    text = native_iso.config("t", "arm64")
+    assert "serial" not in text.replace("console=ttyAMA0", "")
+    assert f"    linux /boot/kernel {kernel_cmdline(arch='arm64')}" in text.splitlines()
+    assert native_iso.config("t", "amd64") == grub_cfg("t", LIVE)
+
+
 def test_grub_cfg_does_not_search_other_disks():
     # grub-mkrescue's embedded config already set root to the ISO by filesystem UUID
     assert "search" not in grub_cfg("t", LIVE)
@@ -89,14 +101,47 @@ def test_mkrescue_argv():
                     "/rootfs.squashfs=/o/s.squashfs"]
 
 
+def test_mkrescue_argv_for_one_platform_directory():
+    argv = mkrescue_argv(Path("o"), Path("c"), Path("k"), Path("i"), Path("s"), modules=Path("/w/arm64-efi"))
+    assert argv[:5] == ["grub-mkrescue", "--directory", "/w/arm64-efi", "--output", "o"]
+
+
 def test_mkrescue_argv_volume_id():
     argv = mkrescue_argv(Path("o"), Path("c"), Path("k"), Path("i"), Path("s"), volume_id="OTHER")
     assert argv[argv.index("-volid") + 1] == "OTHER"
 
 
-def test_check_arch_refuses_arm64(tmp_path):
-    with pytest.raises(UsageError, match=r"native ISO builder does not support arm64 ISOs yet"):
-        check_arch("arm64", tmp_path)
+def test_check_arch(tmp_path):
+    with pytest.raises(UsageError, match=r"native ISO builder does not support riscv64 ISOs"):
+        check_arch("riscv64", tmp_path)
+    check_arch("arm64", tmp_path)  # the modules come from the image, not from the host
+
+
+def _squashfs(tmp_path: Path, files: dict[str, bytes]) -> Path:
+    root = tmp_path / "root"
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    root.mkdir(exist_ok=True)
+    out = tmp_path / "s.squashfs"
+    run(["mksquashfs", str(root), str(out), "-noappend", "-quiet", "-no-progress"])
+    return out
+
+
+def test_image_grub_modules_come_out_of_the_squashfs(tmp_path):
+    squashfs = _squashfs(tmp_path, {"usr/lib/grub/arm64-efi/normal.mod": b"mod", "usr/lib/grub/arm64-efi/x.lst": b"",
+                                    "etc/hostname": b"h"})
+    modules = native_iso.image_grub_modules(squashfs, "arm64", tmp_path / "w")
+    assert modules == tmp_path / "w" / "image-grub" / "usr/lib/grub/arm64-efi"
+    assert (modules / "normal.mod").read_bytes() == b"mod"
+    assert not (tmp_path / "w" / "image-grub" / "etc").exists()  # only the modules are unpacked
+
+
+def test_image_without_grub_modules_names_the_package(tmp_path):
+    squashfs = _squashfs(tmp_path, {"etc/hostname": b"h"})
+    with pytest.raises(UsageError, match=r"s\.squashfs has no grub modules in /usr/lib/grub/arm64-efi.*"
+                                         r"install Debian package grub-efi-arm64-bin"):
+        native_iso.image_grub_modules(squashfs, "arm64", tmp_path / "w")
 
 
 @pytest.mark.parametrize("present, missing_pkg", [
@@ -174,22 +219,27 @@ def test_tasks(make_build, make_flavor):
     assert "COS_LIVE" in t["doc"]
 
 
-def test_native_arm64_depends_on_nothing_so_it_fails_at_once(make_build):
+def test_native_arm64_is_an_efi_iso_of_the_image_grub(make_build):
     b = make_build(arch="arm64", artifacts=("kernel", "initrd", "squashfs", "iso"))
-    assert iso.file_dep(PATHS, b) == []
+    assert iso.file_dep(PATHS, b) == [f"/out/v3.1.0/{b.stem}-kernel.sha256", f"/out/v3.1.0/{b.stem}-initrd.sha256",
+                                      f"/out/v3.1.0/{b.stem}.squashfs.sha256"]
     ctx = Context(root=Path("/r"), paths=PATHS, flavors=(b.flavor,), builds=(b,))
     (t,) = iso.tasks(ctx, "iso")
-    assert "arm64 not supported yet" in t["doc"]
+    assert "(grub-mkrescue, EFI, volume COS_LIVE)" in t["doc"]
+    key = json.loads(iso.key(b))
+    assert key["argv"][:3] == ["grub-mkrescue", "--directory", "image-grub"]
+    assert "console=ttyAMA0" in key["grub.cfg"]
+    assert "unsquashfs" in KINDS["iso"].tools_for(b) and "unsquashfs" not in KINDS["iso"].tools_for(make_build())
     b = make_build(arch="arm64", builder="auroraboot", artifacts=("iso",))
     assert iso.file_dep(PATHS, b) == [f"/state/image/{b.stem}.digest", f"/state/pushed/{b.stem}.digest"]
 
 
-def test_native_arm64_fails_clearly_before_work(make_build, tmp_path):
+def test_native_arm64_without_inputs_fails_clearly(make_build, tmp_path):
     b = make_build(arch="arm64", artifacts=("iso",))
     paths = Paths(tmp_path / "state", tmp_path / "out")
-    with pytest.raises(UsageError, match="arm64"):
+    with pytest.raises(UsageError, match=f"ISO input .*{b.stem}-kernel is missing"):
         iso.build(paths, b, paths.artifact(b, ".iso"))
-    assert not (tmp_path / "out").exists()
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
 
 
 def test_volume_id_is_kairos():

@@ -1,10 +1,13 @@
-"""qemu argv builders (pure). The boot watcher runs against real qemu in tests/integration."""
+"""qemu argv builders (pure), the accelerator choice, and the watcher and KVM probes against real
+qemu (short runs; the boots themselves are in tests/integration)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
+from tasks.run import UsageError
 from tasks.tools import qemu
 
 LOG = Path("/w/serial.log")
@@ -47,3 +50,64 @@ def test_virt_arm64_argv():
 ])
 def test_serial_cmdline(cmdline, arch, expected):
     assert qemu.serial_cmdline(cmdline, arch) == expected
+
+
+@pytest.mark.parametrize("kwargs, tail", [
+    (dict(cdrom=Path("/o/x.iso")), ["-device", "virtio-scsi-pci,id=scsi0",
+                                    "-drive", "if=none,id=cd0,media=cdrom,readonly=on,format=raw,file=/o/x.iso",
+                                    "-device", "scsi-cd,bus=scsi0.0,drive=cd0", "-nic", "none"]),
+    (dict(disk=Path("/o/x.img")), ["-drive", "file=/o/x.img,format=raw,if=virtio,snapshot=on", "-nic", "none"]),
+])
+def test_uefi_arm64_argv(kwargs, tail):
+    argv = qemu.uefi_arm64_argv(LOG, Path("/w/AAVMF_VARS.fd"), **kwargs)
+    assert argv[:7] == ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a57", "-accel", "tcg"]
+    assert argv[-len(tail) - 4:-len(tail)] == ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={qemu.AAVMF_CODE}",
+                                               "-drive", "if=pflash,format=raw,unit=1,file=/w/AAVMF_VARS.fd"]
+    assert argv[-len(tail):] == tail
+
+
+def test_fresh_vars_copies_the_template(tmp_path):
+    for template in (qemu.OVMF_VARS, qemu.AAVMF_VARS):
+        copy = qemu.fresh_vars(tmp_path, template)
+        assert copy.parent == tmp_path and copy.read_bytes() == template.read_bytes()
+
+
+@pytest.mark.parametrize("env, arch, expected", [
+    ({"KAIROS_BOOT_ACCEL": "tcg"}, "amd64", "tcg"),
+    ({"KAIROS_BOOT_ACCEL": "kvm"}, "amd64", "kvm"),
+    ({"KAIROS_BOOT_ACCEL": " tcg "}, "arm64", "tcg"),
+    ({}, "arm64", "tcg"),                          # foreign guests never use KVM: no probe either
+])
+def test_accelerator_choice(env, arch, expected):
+    assert qemu.accelerator(arch, env) == expected
+
+
+@pytest.mark.parametrize("env, arch, message", [
+    ({"KAIROS_BOOT_ACCEL": "hvf"}, "amd64", "KAIROS_BOOT_ACCEL=hvf: expected one of kvm, tcg"),
+    ({"KAIROS_BOOT_ACCEL": "kvm"}, "arm64", "arm64 guests cannot use KVM"),
+])
+def test_accelerator_bad_choice(env, arch, message):
+    with pytest.raises(UsageError, match=message):
+        qemu.accelerator(arch, env)
+
+
+def test_kvm_probes_pass_where_the_accelerator_works(tmp_path):
+    """The probes' markers are right: under TCG (which works everywhere) both probe boots pass,
+    so a failing probe under KVM means KVM, not the probe."""
+    shutil.copyfile(qemu.OVMF_VARS, tmp_path / qemu.OVMF_VARS.name)
+    for argv, log, wanted in qemu.probe_argvs(tmp_path):
+        argv = [a if a != "kvm" else "tcg" for a in argv]
+        assert qemu._probe(argv, log, wanted, 60), f"{wanted!r} not in {log.name}: {qemu._read(log)[-500:]}"
+
+
+def test_a_probe_fails_when_qemu_exits(tmp_path):
+    argv, log, wanted = qemu.probe_argvs(tmp_path)[0]
+    argv = [a if a != "kvm" else "tcg" for a in argv] + ["-no-such-option"]
+    assert not qemu._probe(argv, log, wanted, 60)
+
+
+def test_qemus_own_error_ends_the_serial_log(tmp_path):
+    log = tmp_path / "serial.log"
+    result = qemu.boot([*qemu.x86_argv(log), "-no-such-option"], log, ("login:",), 30)
+    assert not result.passed and result.seconds < 30
+    assert "[qemu] qemu-system-x86_64: -no-such-option: invalid option" in result.serial
