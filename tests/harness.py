@@ -29,9 +29,11 @@ ALWAYS_RUN = ("preflight", "resolve:")
 
 STANDIN_SCRIPT = r"""#!/bin/sh
 # TEST STAND-IN for kairos-init: it is NOT kairos-init. It records the flags it
-# was given (one line per call) and writes a minimal /etc/kairos-release.
+# was given and the test overlay files present then (one line per call) and writes
+# a minimal /etc/kairos-release.
 set -e
-echo "$*" >> /var/log/kairos-init-standin.log
+overlay=$(ls /etc/overlay-*.conf 2>/dev/null || true)
+echo "$* | overlay: ${overlay:-none}" >> /var/log/kairos-init-standin.log
 stage=""; version=""
 while [ $# -gt 0 ]; do
   case "$1" in

@@ -2,13 +2,17 @@
 
 Two converters:
 - kairos-init: the upstream pattern (kairos-init image as a build stage, bind-mounted
-  into `RUN /kairos-init -s install ...` then `-s init ...`);
-- builtin: for offline use; installs the distro's own kernel, initramfs-tools and
-  init with apt and writes /etc/kairos-release. It is not kairos-init and says so
-  in /etc/kairos-release (KAIROS_CONVERTER) and in the image labels.
+  into `RUN /kairos-init -s install ...`, the overlay, then `RUN ... -s init ...`);
+- builtin: for offline use; installs the distro's own kernel, dracut and systemd with
+  apt, builds a dracut initrd, and writes /etc/kairos-release. It is not kairos-init and
+  says so in /etc/kairos-release (KAIROS_CONVERTER) and in the image labels.
+
+Both put the flavor's overlay after the package step, so an overlay change reuses BuildKit's
+cached package layer (the builtin converter also keeps its initrd layer unless the overlay
+touches an initrd input, INITRD_INPUTS).
 
 The conversion key: base digest + kairos-init digest (file_dep on their small
-digest files) + Dockerfile text, labels, overlay listing and STAGE_VERSION
+digest files) + Dockerfile text, scripts, labels, overlay listing and STAGE_VERSION
 (config_changed) + overlay file contents (file_dep).
 """
 from __future__ import annotations
@@ -48,18 +52,17 @@ def _from_line(ref: str, digest: str, alias: str = "") -> str:
 
 
 def dockerfile_kairos_init(b: Build, base_digest: str, init_digest: str, overlay: bool) -> str:
-    """The upstream kairos-init Dockerfile pattern for one build (pure)."""
+    """The upstream kairos-init Dockerfile pattern for one build (pure): `-s install` (packages),
+    the user's overlay, then `-s init` (initrd, services), so an overlay change reuses the
+    cached package layer."""
     flags = " ".join(shlex.quote(f) for f in kairos_init_flags(b))
+    mount = "RUN --mount=type=bind,from=kairos-init,src=/kairos-init,dst=/kairos-init"
     lines = [
         _from_line(b.flavor.kairos_init_image, init_digest, "kairos-init"),
         _from_line(b.base.ref, base_digest, "base-kairos"),
-    ]
-    if overlay:
-        lines.append("COPY overlay/ /")
-    lines += [
-        "RUN --mount=type=bind,from=kairos-init,src=/kairos-init,dst=/kairos-init \\",
-        f"    /kairos-init -l debug -s install {flags} && \\",
-        f"    /kairos-init -l debug -s init {flags}",
+        f"{mount} /kairos-init -l debug -s install {flags}",
+        *(["COPY overlay/ /"] if overlay else []),
+        f"{mount} /kairos-init -l debug -s init {flags}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -99,13 +102,25 @@ def builtin_packages(b: Build) -> list[str]:
             "systemd-sysv", *grub, *b.flavor.builtin.packages]
 
 
-def builtin_script(b: Build) -> str:
-    """Shell run inside the image by the builtin converter (pure).
+# overlay paths the initrd is made of (dracut and modprobe configuration, dracut modules, kernel
+# modules, firmware, the kernel): an overlay touching one of them is copied in before the initrd is
+# built; any other overlay after it, so an overlay change does not rebuild the initrd
+INITRD_INPUTS = ("etc/dracut.conf", "etc/dracut.conf.d", "usr/lib/dracut", "lib/dracut", "etc/modprobe.d",
+                 "usr/lib/modprobe.d", "lib/modprobe.d", "lib/modules", "usr/lib/modules", "lib/firmware",
+                 "usr/lib/firmware", "boot")
+
+
+def overlay_touches_initrd(listing: list[list]) -> bool:
+    """Whether an overlay (its `overlay_files` listing) holds an initrd input (pure)."""
+    return any(entry[0] == top or entry[0].startswith(top + "/") for entry in listing for top in INITRD_INPUTS)
+
+
+def builtin_install_script(b: Build) -> str:
+    """First step of the builtin converter, run inside the image (pure): the packages.
 
     Installs the distro kernel with INITRD=No (neither the kernel's postinst nor dracut's
-    trigger builds an initrd), then builds one generic dracut initrd (`--no-hostonly`; a
-    `docker build` RUN has /proc and /dev mounted, which dracut needs) that understands the
-    Kairos live command lines, and enables a serial getty on the arch's console.
+    trigger builds an initrd; `builtin_initrd_script` does, once) and enables a serial getty
+    on the arch's console.
 
     rpi3/rpi4 builds also get the Raspberry Pi boot firmware (Debian raspi-firmware from
     the non-free-firmware component, Ubuntu linux-firmware-raspi); the raw stage copies it
@@ -128,10 +143,6 @@ def builtin_script(b: Build) -> str:
         "rm -rf /tmp/kairos-chroot-bin",
         "if [ -d /boot/firmware ]; then find /boot/firmware -mindepth 1 -delete; fi",
     ] if b.device in ("rpi3", "rpi4") else []
-    module = []
-    for name, text in DRACUT_MODULE.items():
-        module += [f"cat > {DRACUT_MODULE_DIR}/{name} <<'KAIROS_EOF'", text.rstrip("\n"), "KAIROS_EOF",
-                   f"chmod 755 {DRACUT_MODULE_DIR}/{name}"]
     tty = qemu.SERIAL[b.arch]  # a getty where the boot stage watches (the kernel console gets one anyway)
     return "\n".join([
         "set -eu",
@@ -146,6 +157,21 @@ def builtin_script(b: Build) -> str:
         *rpi_firmware,
         "apt-get clean",
         "rm -rf /var/lib/apt/lists/*",
+        "mkdir -p /etc/systemd/system/getty.target.wants",
+        f"ln -sf /lib/systemd/system/serial-getty@.service /etc/systemd/system/getty.target.wants/serial-getty@{tty}.service",
+    ]) + "\n"
+
+
+def builtin_initrd_script() -> str:
+    """Second step of the builtin converter (pure): one generic dracut initrd (`--no-hostonly`; a
+    `docker build` RUN has /proc and /dev mounted, which dracut needs) that understands the
+    Kairos live command lines, and the /boot/vmlinuz and /boot/initrd links."""
+    module = []
+    for name, text in DRACUT_MODULE.items():
+        module += [f"cat > {DRACUT_MODULE_DIR}/{name} <<'KAIROS_EOF'", text.rstrip("\n"), "KAIROS_EOF",
+                   f"chmod 755 {DRACUT_MODULE_DIR}/{name}"]
+    return "\n".join([
+        "set -eu",
         "mkdir -p /etc/dracut.conf.d " + DRACUT_MODULE_DIR,
         "cat > /etc/dracut.conf.d/10-kairos.conf <<'KAIROS_EOF'", DRACUT_CONF.rstrip("\n"), "KAIROS_EOF",
         *module,
@@ -158,9 +184,15 @@ def builtin_script(b: Build) -> str:
         'ln -sf "$k" vmlinuz',
         'ln -sf "initrd.img-$kver" initrd',
         'test -s "initrd.img-$kver"',
-        "mkdir -p /etc/systemd/system/getty.target.wants",
-        f"ln -sf /lib/systemd/system/serial-getty@.service /etc/systemd/system/getty.target.wants/serial-getty@{tty}.service",
     ]) + "\n"
+
+
+BUILTIN_STEPS = {"install": "builtin-install.sh", "initrd": "builtin-initrd.sh"}  # step -> file in the context
+
+
+def builtin_scripts(b: Build) -> dict[str, str]:
+    """The builtin converter's scripts by build-context file name (pure)."""
+    return {BUILTIN_STEPS["install"]: builtin_install_script(b), BUILTIN_STEPS["initrd"]: builtin_initrd_script()}
 
 
 def issue_text(b: Build) -> str:
@@ -192,25 +224,27 @@ def kairos_release(b: Build) -> str:
     return "".join(f'{k}="{v}"\n' for k, v in values.items())
 
 
-def dockerfile_builtin(b: Build, base_digest: str, overlay: bool) -> str:
-    """The builtin converter's Dockerfile (pure)."""
-    lines = [_from_line(b.base.ref, base_digest)]
-    if overlay:
-        lines.append("COPY overlay/ /")
-    lines += [
-        "COPY builtin-convert.sh /tmp/builtin-convert.sh",
-        "RUN sh /tmp/builtin-convert.sh && rm -f /tmp/builtin-convert.sh",
-        "COPY kairos-release /etc/kairos-release",
-        "COPY issue /etc/issue",
-    ]
+def dockerfile_builtin(b: Build, base_digest: str, overlay: bool, overlay_first: bool = False) -> str:
+    """The builtin converter's Dockerfile (pure): packages, then the initrd, then the overlay, so
+    an overlay change reuses both cached layers; an overlay holding initrd inputs
+    (``overlay_first``, see INITRD_INPUTS) goes before the initrd instead."""
+    def step(name: str) -> list[str]:
+        script = BUILTIN_STEPS[name]
+        return [f"COPY {script} /tmp/{script}", f"RUN sh /tmp/{script} && rm -f /tmp/{script}"]
+    copy = ["COPY overlay/ /"] if overlay else []
+    lines = [_from_line(b.base.ref, base_digest), *step("install"),
+             *(copy + step("initrd") if overlay_first else step("initrd") + copy),
+             "COPY kairos-release /etc/kairos-release",
+             "COPY issue /etc/issue"]
     return "\n".join(lines) + "\n"
 
 
-def dockerfile(b: Build, base_digest: str, init_digest: str | None) -> str:
+def dockerfile(b: Build, base_digest: str, init_digest: str | None, listing: list[list] = ()) -> str:
+    """The Dockerfile of ``b``'s converter; ``listing`` is its overlay's (`overlay_files`)."""
     overlay = b.flavor.overlay is not None
     if b.flavor.converter == "kairos-init":
         return dockerfile_kairos_init(b, base_digest, init_digest or DIGEST, overlay)
-    return dockerfile_builtin(b, base_digest, overlay)
+    return dockerfile_builtin(b, base_digest, overlay, overlay_touches_initrd(list(listing)))
 
 
 def labels(b: Build) -> dict[str, str]:
@@ -272,11 +306,12 @@ def convert(paths: Paths, b: Build) -> None:
         resolve.ensure_local(b.flavor.kairos_init_image, init_digest, b.arch)
 
     with build_context(paths, b.stem, keep=True) as ctx_dir:  # kept: the Dockerfile that was built
-        (ctx_dir / "Dockerfile").write_text(dockerfile(b, base_digest, init_digest))
+        (ctx_dir / "Dockerfile").write_text(dockerfile(b, base_digest, init_digest, overlay_files(b.flavor.overlay)[1]))
         if b.flavor.overlay is not None:
             shutil.copytree(b.flavor.overlay, ctx_dir / "overlay", symlinks=True)
         if b.flavor.converter == "builtin":
-            (ctx_dir / "builtin-convert.sh").write_text(builtin_script(b))
+            for name, text in builtin_scripts(b).items():
+                (ctx_dir / name).write_text(text)
             (ctx_dir / "kairos-release").write_text(kairos_release(b))
             (ctx_dir / "issue").write_text(issue_text(b))
         cli = docker.find_build_cli()
@@ -297,8 +332,8 @@ def tasks(ctx: Context):
         if b.flavor.converter == "kairos-init":
             deps.append(ctx.paths.pulled(init_ident(b), b.arch))
         key = json.dumps({
-            "dockerfile": dockerfile(b, DIGEST, DIGEST),
-            "script": builtin_script(b) if b.flavor.converter == "builtin" else "",
+            "dockerfile": dockerfile(b, DIGEST, DIGEST, listing),
+            "scripts": builtin_scripts(b) if b.flavor.converter == "builtin" else {},
             "release": kairos_release(b) if b.flavor.converter == "builtin" else "",
             "issue": issue_text(b) if b.flavor.converter == "builtin" else "",
             "labels": labels(b), "platform": b.platform, "tag": b.image,

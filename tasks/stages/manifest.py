@@ -103,8 +103,8 @@ def build_record(paths: Paths, b: Build) -> dict:
             "kairos_init": init,
             "converter": f.converter,
             "flags": convert.kairos_init_flags(b) if f.converter == "kairos-init" else None,
-            "builtin_script_sha256": None if f.converter == "kairos-init" else
-            hashlib.sha256(convert.builtin_script(b).encode()).hexdigest(),
+            "builtin_scripts_sha256": None if f.converter == "kairos-init" else
+            {name: hashlib.sha256(text.encode()).hexdigest() for name, text in convert.builtin_scripts(b).items()},
             "overlay_sha256": sign.overlay_digest(f.overlay) if f.overlay else None,
         },
         "outputs": files,

@@ -82,7 +82,10 @@ def test_kairos_init_standin_got_the_upstream_flags(workspace, first_run, engine
         log = run_in_image(engine, b.image, "cat", "/var/log/kairos-init-standin.log").splitlines()
         expected = f"-m generic -t false{' -p k3s --provider-k3s-version v1.28.2+k3s1' if b.k3s_version else ''}" \
                    " --version v3.1.0"
-        assert log == [f"-l debug -s install {expected}", f"-l debug -s init {expected}"]
+        # two calls, as upstream's Dockerfile pattern: the overlay is copied in between them
+        overlay_file = f"/etc/overlay-{b.flavor.path.stem}.conf"
+        assert log == [f"-l debug -s install {expected} | overlay: none",
+                       f"-l debug -s init {expected} | overlay: {overlay_file}"]
         release = run_in_image(engine, b.image, "cat", "/etc/kairos-release")
         assert "kairos-init-standin" in release
         overlay = run_in_image(engine, b.image, "cat", f"/etc/overlay-{b.flavor.path.stem}.conf")

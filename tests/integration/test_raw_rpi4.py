@@ -1,14 +1,19 @@
-"""arm64 Raspberry Pi 4 raw disk image, cross-built on amd64 (qemu-user-static + binfmt):
-mmdebstrap --arch arm64 base -> builtin conversion (linux/arm64) -> kernel, initrd, squashfs -> raw.
+"""arm64 on amd64 (qemu-user-static + binfmt): a Raspberry Pi 4 raw disk image and a generic
+arm64 ISO, cross-built from one mmdebstrap --arch arm64 base by the builtin converter.
 
-Checks the partition table and file systems of the image, its firmware partition's files,
-that the image boots to its login prompt in qemu-system-aarch64 -M virt (kernel, initrd and
-command line from its own boot partition, root from its COS_STATE partition), and selective rebuilds: `doit raw:<rpi4 stem>` builds only what the
-image needs, and an overlay change of the rpi4 flavor reruns exactly the rpi4 chain.
+rpi4: checks the partition table and file systems of the image and its firmware partition's
+files; `doit boot:<rpi4 stem>` boots it to its login prompt in qemu-system-aarch64 -M virt
+(kernel, initrd and command line from its own boot partition, root from its COS_STATE
+partition); selective rebuilds: `doit raw:<rpi4 stem>` builds only what the image needs, and an
+overlay change of the rpi4 flavor reruns exactly the rpi4 chain, with BuildKit reusing the
+package and initrd layers (the overlay is copied in after them).
 
-A second, cheap amd64 flavor (builtin converter on a registry base, raw_generic) shares nothing
-with the rpi4 one and must stay untouched; its generic raw image boots in qemu-system-x86_64
-with OVMF (EFI) to the login prompt. The arm64 conversion under emulation is the slow part; BuildKit's
+arm64 generic: `doit boot:<stem>` builds the EFI ISO (grub's arm64-efi modules from the image)
+and boots it under AAVMF to its login prompt.
+
+A cheap amd64 flavor (builtin converter on a registry base, raw_generic) shares nothing with
+the arm64 ones and must stay untouched; `doit boot:<stem>` boots its generic raw image under
+OVMF to the login prompt. The arm64 conversions under emulation are the slow part; BuildKit's
 layer cache makes reruns fast when the mmdebstrap rootfs is byte-identical, so the runs pin
 SOURCE_DATE_EPOCH (mmdebstrap then writes a reproducible tarball).
 """
@@ -18,6 +23,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -74,23 +80,37 @@ def scratch(private_tmp, request):
     return path
 
 
+ARM64_BASE = {"mmdebstrap": {"suite": "bookworm", "components": ["main", "non-free-firmware"]}}
+BOOT = {"timeout": BOOT_TIMEOUT}
+
+
 @pytest.fixture(scope="module")
 def rpi(private_tmp, ns, bases):
-    """Workspace with the arm64 rpi4 flavor (overlay of one file) and a cheap amd64 flavor."""
+    """Workspace with the arm64 rpi4 flavor (overlay of one file), a cheap amd64 flavor and the
+    arm64 generic ISO flavor (same mmdebstrap base as rpi4: one seed)."""
     root = private_tmp / "ws"
     ws = Workspace(root=root, ns=ns)
     overlay = ws.flavors / "overlay-rpi" / "etc" / "kairos-raw-test.conf"
     overlay.parent.mkdir(parents=True)
     overlay.write_text("rpi4 overlay v1\n")
     write_flavor(ws.flavors / "rpi.yaml", builtin_doc(
-        "debian", {"mmdebstrap": {"suite": "bookworm", "components": ["main", "non-free-firmware"]}},
-        f"{ns}/kairos", ["kernel", "initrd", "squashfs", "raw"], arches=["arm64"], devices=["rpi4"],
-        overlay="overlay-rpi", squashfs=LZ4))
+        "debian", ARM64_BASE, f"{ns}/kairos", ["kernel", "initrd", "squashfs", "raw", "boot"], arches=["arm64"],
+        devices=["rpi4"], overlay="overlay-rpi", squashfs=LZ4, boot=BOOT))
     write_flavor(ws.flavors / "other.yaml", builtin_doc(
-        "other", bases["b"], f"{ns}/kairos", ["kernel", "initrd", "squashfs", "raw"], release="1",
-        raw_generic=True, squashfs=LZ4))
+        "other", bases["b"], f"{ns}/kairos", ["kernel", "initrd", "squashfs", "raw", "boot"], release="1",
+        raw_generic=True, squashfs=LZ4, boot=BOOT))
+    write_flavor(ws.flavors / "arm.yaml", builtin_doc(
+        "debian", ARM64_BASE, f"{ns}/kairos", ["iso", "boot"], arches=["arm64"], devices=["generic"],
+        squashfs=LZ4, boot=BOOT))
     builds = {b.flavor.path.stem: b for b in expand(load_flavors([ws.flavors]))}
     return ws, builds["rpi"], builds["other"], overlay
+
+
+@pytest.fixture(scope="module")
+def arm_iso(rpi):
+    ws, _, _, _ = rpi
+    (b,) = [b for b in expand(load_flavors([ws.flavors])) if b.flavor.path.stem == "arm"]
+    return b
 
 
 def timed(ws: Workspace, *args: str):
@@ -238,30 +258,70 @@ def test_kernel_is_aarch64(disk):
     assert data[0x38:0x3c] == b"ARM\x64", "no arm64 Image header magic at 0x38"
 
 
-def _boot_report(name: str, result: qemu.Boot) -> None:
-    lines = result.serial.splitlines()
-    around = next((i for i, l in enumerate(lines) if qemu.LOGIN in l), len(lines))
-    print(f"{name}: {'login prompt' if result.passed else 'no login'} after {result.seconds:.0f}s; serial lines:\n  "
-          + "\n  ".join(lines[max(0, around - 6):around + 1]))
+def booted(ws: Workspace, b, hows: list[str]) -> dict:
+    """`doit boot:<stem>`: runs the boot task (and what it needs), which must pass; returns
+    <stem>-boot.json after printing the serial lines around the login prompt."""
+    result, _ = timed(ws, f"boot:{b.stem}")
+    assert result.rc == 0, result.out[-3000:] + result.err
+    out = ws.outputs / "v3.1.0"
+    report = json.loads((out / f"{b.stem}-boot.json").read_text())
+    assert report["stem"] == b.stem
+    assert [r["firmware"] for r in report["boots"]] == hows
+    for r in report["boots"]:
+        lines = r["last_serial_lines"]
+        at = next(i for i, l in enumerate(lines) if qemu.LOGIN in l)
+        print(f"{r['artifact']} ({r['firmware']}, {r['accel']}): login prompt after {r['seconds']} s:\n  "
+              + "\n  ".join(lines[max(0, at - 4):at + 1]))
+        assert r["passed"] is True and r["seconds"] > 0
+        assert any(f"Kairos {b.stem} ({qemu.SERIAL[b.arch]})" in l for l in lines[:at])
+    serial = (out / f"{b.stem}-boot.log").read_text()
+    assert serial.count(qemu.LOGIN) >= len(hows)
+    return report
 
 
-def test_rpi4_image_boots_to_login_in_qemu_aarch64(rpi, disk, scratch):
-    """qemu's virt machine has no Raspberry Pi firmware: it boots the kernel, initrd and command line
-    of the image's own COS_GRUB partition (console moved to virt's serial port) with the image as
-    its disk, so the root file system comes from the image's COS_STATE partition."""
-    _, b, _, _ = rpi
+def test_rpi4_image_boots_to_login_in_qemu_aarch64(rpi, disk):
+    """qemu's virt machine has no Raspberry Pi firmware: the boot stage boots the kernel, initrd and
+    command line of the image's own COS_GRUB partition (console moved to virt's serial port) with
+    the image as its disk, so the root file system comes from the image's COS_STATE partition."""
+    ws, b, _, _ = rpi
     img, _, _, fat_dir = disk
-    cmdline = (fat_dir / "cmdline.txt").read_text()
-    assert "root=live:LABEL=COS_STATE rd.live.dir=/cOS rd.live.squashimg=active.squashfs" in cmdline
-    log = scratch / "serial.log"
-    argv = qemu.virt_arm64_argv(log, fat_dir / n.KERNEL_NAME, fat_dir / n.INITRD_NAME,
-                                qemu.serial_cmdline(cmdline, "arm64"), disk=img)
+    assert "root=live:LABEL=COS_STATE rd.live.dir=/cOS rd.live.squashimg=active.squashfs" in \
+        (fat_dir / "cmdline.txt").read_text()
     before = sha256(img)
-    result = qemu.boot(argv, log, (f"Kairos {b.stem} (ttyAMA0)", qemu.LOGIN), BOOT_TIMEOUT)
-    _boot_report("rpi4 raw on qemu virt", result)
-    assert "Linux version" in result.serial and ("aarch64" in result.serial or "arm64" in result.serial)
-    assert result.passed, f"no login prompt of {b.stem} within {BOOT_TIMEOUT}s; tail:\n{result.tail()}"
+    report = booted(ws, b, ["virt"])
+    qemu_argv = report["boots"][0]["qemu"].split()
+    assert qemu_argv[0] == "qemu-system-aarch64" and f"file={img},format=raw,if=virtio,snapshot=on" in qemu_argv
+    serial = (ws.outputs / "v3.1.0" / f"{b.stem}-boot.log").read_text()
+    assert "Linux version" in serial and ("aarch64" in serial or "arm64" in serial)
     assert sha256(img) == before  # the boot did not write into the artifact
+
+
+def test_arm64_generic_iso_boots_to_login_under_aavmf(rpi, arm_iso, built):
+    """The EFI ISO of an arm64 image, built on amd64 with the image's own grub arm64-efi modules."""
+    ws, _, _, _ = rpi
+    b = arm_iso
+    booted(ws, b, ["uefi"])
+    iso = ws.outputs / "v3.1.0" / f"{b.stem}.iso"
+    listing = subprocess.run(["xorriso", "-indev", str(iso), "-find", "/", "-type", "f"], capture_output=True,
+                             text=True, check=True).stdout
+    assert "'/rootfs.squashfs'" in listing and "'/boot/grub/grub.cfg'" in listing
+    assert "i386-pc" not in listing  # EFI only
+    efi = subprocess.run(["xorriso", "-indev", str(iso), "-report_el_torito", "plain"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "UEFI" in efi
+    serial = (ws.outputs / "v3.1.0" / f"{b.stem}-boot.log").read_text()
+    assert "console=ttyAMA0" in serial or "ttyAMA0" in serial
+
+
+def test_generic_raw_boots_to_login_with_ovmf(rpi, built):
+    ws, _, other, _ = rpi
+    img = ws.outputs / "v3.1.0" / f"{other.stem}.img"
+    table = json.loads(subprocess.run(["sfdisk", "-J", str(img)], capture_output=True, text=True,
+                                      check=True).stdout)["partitiontable"]
+    assert [p["type"] for p in table["partitions"]] == ["ef", "83", "83", "5", "83", "83"]
+    booted(ws, other, ["uefi"])
+    serial = (ws.outputs / "v3.1.0" / f"{other.stem}-boot.log").read_text()
+    assert "root=live:LABEL=COS_STATE" in serial, "the raw image's GRUB command line not seen"
 
 
 def stems(ws: Workspace) -> set[str]:
@@ -277,7 +337,7 @@ def per_build(ws: Workspace, ran: set[str]) -> tuple[set[str], set[str]]:
     return mine, rest
 
 
-def test_second_raw_run_builds_nothing(rpi, built):
+def test_second_raw_run_builds_nothing(rpi, built, arm_iso):
     ws, b, other, _ = rpi
     again, _ = timed(ws, f"raw:{b.stem}")
     assert again.rc == 0, again.err
@@ -293,6 +353,20 @@ def test_second_raw_run_builds_nothing(rpi, built):
     assert final.build_actions == set(), f"expected nothing to rebuild, ran {final.build_actions}"
 
 
+def cached_steps(output: str) -> set[str]:
+    """The Dockerfile steps BuildKit's plain progress reports as CACHED (`#N [i/n] STEP` ... `#N CACHED`)."""
+    steps, cached = {}, set()
+    for line in output.splitlines():
+        line = line.strip()
+        m = re.match(r"#(\d+) \[[^\]]*\d+/\d+\] (.+)$", line)
+        if m:
+            steps[m[1]] = m[2]
+        m = re.match(r"#(\d+) CACHED$", line)
+        if m and m[1] in steps:
+            cached.add(steps[m[1]])
+    return cached
+
+
 def test_overlay_change_reruns_exactly_the_rpi4_chain(rpi, built):
     ws, b, other, overlay = rpi
     img = ws.outputs / "v3.1.0" / f"{b.stem}.img"
@@ -301,24 +375,16 @@ def test_overlay_change_reruns_exactly_the_rpi4_chain(rpi, built):
     overlay.write_text("rpi4 overlay v2\n")
     result, _ = timed(ws)
     assert result.rc == 0, result.err
-    assert per_build(ws, result.build_actions)[0] == rpi_chain(b) | {f"carrier:{b.stem}"}, result.build_actions
+    assert per_build(ws, result.build_actions)[0] == rpi_chain(b) | {f"carrier:{b.stem}", f"boot:{b.stem}"}, \
+        result.build_actions
+    # the overlay comes after the package and initrd steps: BuildKit reuses both layers
+    cached = cached_steps(result.out + result.err)
+    assert {"RUN sh /tmp/builtin-install.sh && rm -f /tmp/builtin-install.sh",
+            "RUN sh /tmp/builtin-initrd.sh && rm -f /tmp/builtin-initrd.sh"} <= cached, cached
+    assert "COPY overlay/ /" not in cached
     assert snapshot(ws.outputs, skip=b.stem) == others
     assert sha256(img) != old_img
     listing = subprocess.run(["unsquashfs", "-cat", str(ws.outputs / "v3.1.0" / f"{b.stem}.squashfs"),
                               "etc/kairos-raw-test.conf"], capture_output=True, text=True, check=True).stdout
     assert listing == "rpi4 overlay v2\n"
-
-
-def test_generic_raw_boots_to_login_with_ovmf(rpi, built, scratch):
-    ws, _, other, _ = rpi
-    img = ws.outputs / "v3.1.0" / f"{other.stem}.img"
-    table = json.loads(subprocess.run(["sfdisk", "-J", str(img)], capture_output=True, text=True,
-                                      check=True).stdout)["partitiontable"]
-    assert [p["type"] for p in table["partitions"]] == ["ef", "83", "83", "5", "83", "83"]
-    log = scratch / "serial.log"
-    # TCG: /dev/kvm may open yet fail at run time (nested virtualisation); never require it
-    argv = qemu.x86_argv(log, disk=img, uefi_vars=qemu.fresh_vars(scratch))
-    result = qemu.boot(argv, log, (f"Kairos {other.stem} (ttyS0)", qemu.LOGIN), BOOT_TIMEOUT)
-    _boot_report("generic raw with OVMF", result)
-    assert "root=live:LABEL=COS_STATE" in result.serial, "the raw image's GRUB command line not seen"
-    assert result.passed, f"no login prompt of {other.stem} within {BOOT_TIMEOUT}s; tail:\n{result.tail()}"
+    assert json.loads((ws.outputs / "v3.1.0" / f"{b.stem}-boot.json").read_text())["boots"][0]["passed"] is True

@@ -14,7 +14,8 @@ from tasks.model import BuiltinOptions, MmdebstrapBase, SquashfsOptions
 from tasks.run import run
 from tasks.stages import preflight
 from tasks.stages.base import mmdebstrap_argv
-from tasks.stages.convert import (DIGEST, builtin_script, dockerfile, dockerfile_builtin, dockerfile_kairos_init,
+from tasks.stages.convert import (DIGEST, builtin_initrd_script, builtin_scripts, dockerfile,
+                                  dockerfile_builtin, dockerfile_kairos_init, overlay_touches_initrd,
                                   kairos_init_flags, kairos_release, labels, overlay_files)
 from tasks.stages.extract import mksquashfs_argv, pick_boot_file
 from tasks.tools.docker import BuildCli, build_argv, is_local_host, registry_host
@@ -71,19 +72,13 @@ def test_dockerfile_kairos_init(make_build, base_image, init_image, base_repo, i
     assert text.endswith("\n")
     assert lines[0] == f"FROM {init_repo}@{INIT} AS kairos-init"
     assert lines[1] == f"FROM {base_repo}@{BASE} AS base-kairos"
-    run_at = lines.index("RUN --mount=type=bind,from=kairos-init,src=/kairos-init,dst=/kairos-init \\")
-    install_at = next(i for i, l in enumerate(lines) if "/kairos-init -l debug -s install" in l)
-    init_at = next(i for i, l in enumerate(lines) if "/kairos-init -l debug -s init" in l)
-    assert run_at < install_at < init_at
-    if overlay:
-        assert lines.index("COPY overlay/ /") < run_at
-    else:
-        assert "COPY" not in text
+    mount = "RUN --mount=type=bind,from=kairos-init,src=/kairos-init,dst=/kairos-init"
     flags = kairos_init_flags(b)
-    assert _run_command(text) == [
-        "--mount=type=bind,from=kairos-init,src=/kairos-init,dst=/kairos-init",
-        "/kairos-init", "-l", "debug", "-s", "install", *flags, "&&",
-        "/kairos-init", "-l", "debug", "-s", "init", *flags]
+    install, init = (f"{mount} {shlex.join(['/kairos-init', '-l', 'debug', '-s', step, *flags])}"
+                     for step in ("install", "init"))
+    # upstream's pattern: packages, then the user's changes, then initrd and services
+    assert lines[2:] == [install, *(["COPY overlay/ /"] if overlay else []), init]
+    assert shlex.split(lines[2])[2:] == ["/kairos-init", "-l", "debug", "-s", "install", *flags]
 
 
 @pytest.mark.parametrize("overlay", [None, Path("/srv/overlay")])
@@ -98,23 +93,50 @@ def test_dockerfile_dispatch(make_build, overlay):
     assert "kairos-init" not in text
 
 
-@pytest.mark.parametrize("base_image, overlay, expected", [
-    ("ubuntu:24.04", False,
-     f"FROM ubuntu@{BASE}\n"
-     "COPY builtin-convert.sh /tmp/builtin-convert.sh\n"
-     "RUN sh /tmp/builtin-convert.sh && rm -f /tmp/builtin-convert.sh\n"
-     "COPY kairos-release /etc/kairos-release\n"
-     "COPY issue /etc/issue\n"),
-    ("debian:12", True,
-     f"FROM debian@{BASE}\n"
-     "COPY overlay/ /\n"
-     "COPY builtin-convert.sh /tmp/builtin-convert.sh\n"
-     "RUN sh /tmp/builtin-convert.sh && rm -f /tmp/builtin-convert.sh\n"
-     "COPY kairos-release /etc/kairos-release\n"
-     "COPY issue /etc/issue\n"),
+INSTALL = ("COPY builtin-install.sh /tmp/builtin-install.sh\n"
+           "RUN sh /tmp/builtin-install.sh && rm -f /tmp/builtin-install.sh\n")
+INITRD = ("COPY builtin-initrd.sh /tmp/builtin-initrd.sh\n"
+          "RUN sh /tmp/builtin-initrd.sh && rm -f /tmp/builtin-initrd.sh\n")
+RELEASE = "COPY kairos-release /etc/kairos-release\nCOPY issue /etc/issue\n"
+
+
+@pytest.mark.parametrize("base_image, overlay, overlay_first, expected", [
+    ("ubuntu:24.04", False, False, f"FROM ubuntu@{BASE}\n" + INSTALL + INITRD + RELEASE),
+    # the overlay after the initrd: an overlay change reuses the package and initrd layers
+    ("debian:12", True, False, f"FROM debian@{BASE}\n" + INSTALL + INITRD + "COPY overlay/ /\n" + RELEASE),
+    # an overlay with initrd inputs (dracut/modprobe config, modules, firmware) goes before the initrd
+    ("debian:12", True, True, f"FROM debian@{BASE}\n" + INSTALL + "COPY overlay/ /\n" + INITRD + RELEASE),
 ])
-def test_dockerfile_builtin(make_build, base_image, overlay, expected):
-    assert dockerfile_builtin(make_build(base_image=base_image, **BUILTIN), BASE, overlay) == expected
+def test_dockerfile_builtin(make_build, base_image, overlay, overlay_first, expected):
+    assert dockerfile_builtin(make_build(base_image=base_image, **BUILTIN), BASE, overlay, overlay_first) == expected
+
+
+@pytest.mark.parametrize("listing, touches", [
+    ([], False),
+    ([["etc", "dir", "0o755"], ["etc/motd", "file", "0o644"], ["etc/ssh/sshd_config", "file", "0o600"]], False),
+    ([["etc/dracut.conf.d", "dir", "0o755"], ["etc/dracut.conf.d/x.conf", "file", "0o644"]], True),
+    ([["etc/dracut.conf", "file", "0o644"]], True),
+    ([["etc/modprobe.d/blacklist.conf", "file", "0o644"]], True),
+    ([["usr/lib/firmware/brcm/x.bin", "file", "0o644"]], True),
+    ([["lib/modules", "link", "usr/lib/modules"]], True),
+    ([["boot", "dir", "0o755"]], True),
+    ([["etc/dracut.conf.bak", "file", "0o644"], ["bootstrap.sh", "file", "0o755"]], False),  # names, not prefixes
+    ([["usr/lib/dracutish", "file", "0o644"]], False),
+])
+def test_overlay_touches_initrd(listing, touches):
+    assert overlay_touches_initrd(listing) is touches
+
+
+def test_dockerfile_puts_an_initrd_overlay_first(make_build, tmp_path):
+    (tmp_path / "etc/modprobe.d").mkdir(parents=True)
+    (tmp_path / "etc/modprobe.d/x.conf").write_text("blacklist x\n")
+    b = make_build(overlay=tmp_path, **BUILTIN)
+    listing = overlay_files(tmp_path)[1]
+    assert dockerfile(b, BASE, None, listing) == dockerfile_builtin(b, BASE, True, overlay_first=True)
+    (tmp_path / "etc/modprobe.d/x.conf").unlink()
+    (tmp_path / "etc/modprobe.d").rmdir()
+    (tmp_path / "etc/motd").write_text("hi\n")
+    assert dockerfile(b, BASE, None, overlay_files(tmp_path)[1]) == dockerfile_builtin(b, BASE, True)
 
 
 def test_dockerfile_builtin_from_mmdebstrap_seed(make_build):
@@ -128,23 +150,28 @@ def test_dockerfile_builtin_from_mmdebstrap_seed(make_build):
     (("openssh-server", "vim"), "arm64", "generic", "ttyAMA0", ["grub-efi-arm64-bin"]),  # arm64 ISOs: the image's
     ((), "arm64", "rpi4", "ttyAMA0", []),                     # firmware boot, no grub
 ])
-def test_builtin_script_is_valid_shell(make_build, packages, arch, device, tty, grub):
+def test_builtin_scripts_are_valid_shell(make_build, packages, arch, device, tty, grub):
     b = make_build(builtin=BuiltinOptions(packages=packages), arch=arch, device=device, **BUILTIN)
-    script = builtin_script(b)
-    run(["sh", "-n"], feed=[script.encode()])  # syntax check by a real shell
+    scripts = builtin_scripts(b)
+    assert list(scripts) == ["builtin-install.sh", "builtin-initrd.sh"]
+    for text in scripts.values():
+        run(["sh", "-n"], feed=[text.encode()])  # syntax check by a real shell
+        assert "initramfs-tools" not in text and "kairos-init" not in text
+    script, initrd = scripts.values()
     install = next(l for l in script.splitlines() if l.startswith("apt-get install"))
     assert install.split()[4:] == ['"$kernel"', "dracut", "dracut-live", "dracut-network", "zstd", "procps",
                                    "isc-dhcp-client", "curl", "ca-certificates", "systemd-sysv", *grub, *packages]
     assert "export DEBIAN_FRONTEND=noninteractive INITRD=No" in script  # no initrd from the kernel postinst
-    assert 'dracut --no-hostonly --force --kver "$kver" "initrd.img-$kver"' in script
+    assert "dracut --" not in script                                     # the initrd is the next step's
+    assert 'dracut --no-hostonly --force --kver "$kver" "initrd.img-$kver"' in initrd
+    assert "apt-get" not in initrd and initrd == builtin_initrd_script()  # the same for every build
     assert f"getty.target.wants/serial-getty@{tty}.service" in script
-    assert "initramfs-tools" not in script and "kairos-init" not in script
 
 
 def test_builtin_script_writes_the_dracut_config_and_module(make_build, tmp_path):
     """Run the file-writing part of the script in a shell: the here-documents land verbatim."""
     from tasks.stages.convert import DRACUT_CONF, DRACUT_MODULE, DRACUT_MODULE_DIR
-    script = builtin_script(make_build(**BUILTIN))
+    script = builtin_initrd_script()
     lines = script.splitlines()
     part = "\n".join(lines[lines.index("mkdir -p /etc/dracut.conf.d " + DRACUT_MODULE_DIR):lines.index("cd /boot")])
     part = part.replace("/etc/", f"{tmp_path}/etc/").replace("/usr/lib/", f"{tmp_path}/usr/lib/")

@@ -12,7 +12,7 @@ from tasks.builders import native_raw as n
 from tasks.kinds import KINDS
 from tasks.run import KairosError, run
 from tasks.stages import preflight, raw
-from tasks.stages.convert import builtin_script
+from tasks.stages.convert import builtin_install_script
 
 MIB = 1 << 20
 RPI = dict(converter="builtin", kairos_init_image=None, flavor="debian", release="12",
@@ -265,7 +265,7 @@ def test_key_changes_with_device_not_with_version(make_build):
 def test_builtin_script_installs_rpi_firmware(make_build, device):
     b = make_build(arch="arm64", device=device, **RPI)
     generic = make_build(arch="arm64", device="generic", **RPI)
-    script, plain = builtin_script(b), builtin_script(generic)
+    script, plain = builtin_install_script(b), builtin_install_script(generic)
     run(["sh", "-n"], feed=[script.encode()])
     lines = script.splitlines()
     assert 'PATH="/tmp/kairos-chroot-bin:$PATH" apt-get install -y --no-install-recommends "$firmware"' in lines
@@ -299,7 +299,7 @@ def builtin_script_lines() -> list[str]:
     f = Flavor(path=Path("x.yaml"), flavor="debian", release="12", base_image="debian:12", version="v3.1.0",
                variants=("core",), k3s_versions=(), arches=("arm64",), devices=("rpi4",), converter="builtin",
                kairos_init_image=None, registry="r/k", artifacts=("raw",))
-    return builtin_script(Build(f, "core", None, "arm64", "rpi4")).splitlines()
+    return builtin_install_script(Build(f, "core", None, "arm64", "rpi4")).splitlines()
 
 
 # --- generic (amd64 EFI) boot partition ------------------------------------------------------
