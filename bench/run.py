@@ -21,6 +21,13 @@ Rows (--only names in brackets):
               Goal for the task: <= 1.1.
   [reuse]     `doit convert:<stem>` of an already converted build in a fresh state directory
               (Docker's layer cache warm), next to the first conversion time in this bench dir.
+  [cold]      the default flavor (flavors/debian-12.yaml) from nothing: fresh state, a new
+              mmdebstrap base (SOURCE_DATE_EPOCH of the moment, so no layer cache): the whole run,
+              the run without its boot task, the boots' seconds to the login prompt, time per stage.
+  [rpi4]      the arm64 Raspberry Pi 4 example flavor from nothing: cold `doit raw:<stem>`, `doit
+              boot:<stem>`, then one overlay file changed and `doit raw:<stem>`: the tasks that ran,
+              the time as a share of the cold build (goal <= 40%), BuildKit's reuse of the layers.
+              cold and rpi4 take many minutes each and leave nothing behind.
 
 Everything lives under --dir (kept between runs: the first run builds the matrix and the real
 builds, minutes; later runs only measure) and under the registry namespace --registry
@@ -43,6 +50,7 @@ from kbench.benches import bench_noop, bench_parallel, bench_reuse, bench_select
 from kbench.by_hand import STAGES
 from kbench.common import BenchError, Row
 from kbench.flavors import prepare_matrix, prepare_real
+from kbench.fresh import bench_cold, bench_rpi4
 from kbench.images import Images, check_services, clean
 from kbench.space import Space
 from kbench.table import machine, markdown_table, plain_table
@@ -51,7 +59,7 @@ from kbench.table import machine, markdown_table, plain_table
 DEFAULT_DIR = Path("/var/tmp/kairos-bench-matrix")
 DEFAULT_NS = "127.0.0.1:5000/bench"
 DEFAULT_TAR = Path("/var/tmp/kairos-test-cache/bookworm-minbase-amd64.tar")
-BENCHES = ("noop", "selective", "parallel", "stages", "reuse")
+BENCHES = ("noop", "selective", "parallel", "stages", "reuse", "cold", "rpi4")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,8 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"registry namespace for everything pushed (default {DEFAULT_NS})")
     ap.add_argument("--base", help="base image of the synthetic matrix (default: a tiny dash rootfs "
                                    "pushed as <registry>/base-tiny:bookworm-dash)")
-    ap.add_argument("--real-base", help="base image of the builtin-converter builds (default: the minbase "
-                                        "rootfs pushed as <registry>/base-minbase:bookworm)")
+    ap.add_argument("--real-base", help="base image of the builtin-converter builds (default: the minbase rootfs with a bench-dir id, "
+                                        "pushed as <registry>/base-minbase:bookworm-<id>)")
     ap.add_argument("--kairos-init", help="kairos-init STAND-IN image (default: built from the integration "
                                           "tests' stand-in script as <registry>/kairos-init-standin:v0)")
     ap.add_argument("--rootfs-tar", type=Path, default=DEFAULT_TAR,
@@ -117,6 +125,10 @@ def run_benches(args) -> list[Row]:
             rows += [bench_stage(real, a, stage, args.repeat) for stage in args.stages]
         if "reuse" in args.only:
             rows.append(bench_reuse(args.dir, real, a, args.repeat))
+    if "cold" in args.only:
+        rows.append(bench_cold(args.dir, args.registry))
+    if "rpi4" in args.only:
+        rows.append(bench_rpi4(args.dir, args.registry))
     return rows
 
 

@@ -71,20 +71,21 @@ def prepare_matrix(space: Space, args, images: Images) -> list[Build]:
 
 
 REAL_A, REAL_B = "benchpa", "benchpb"
-REAL_ID = Path("overlay-bench/etc/kairos-bench-id")
+REAL_ID = Path("bench-id")
 
 
 def write_real(flavors: Path, images: Images, registry: str) -> None:
     """Two builtin-converter builds on the minbase image; A also makes the generic raw image.
-    Both copy an overlay holding an id made once per bench dir: it comes before the converter's
-    RUN step, so the first conversion in a new bench dir is cold (apt downloads the kernel) even
-    when BuildKit's cache holds the same conversion made elsewhere; B's is then a cache hit of A's."""
+    Their base holds an id made once per bench dir (the overlay would not do: the converter
+    copies it in after its RUN steps), so the first conversion in a new bench dir is cold (apt
+    downloads the kernel) even when BuildKit's cache holds the same conversion made elsewhere;
+    B's is then a cache hit of A's."""
     if not (flavors / REAL_ID).exists():
         write_if_changed(flavors / REAL_ID, f"{os.urandom(8).hex()}\n")
-    base, registry, overlay = images.real_base(), f"{registry}/kairos", str(REAL_ID.parts[0])
-    a = builtin_doc(REAL_A, base, registry, ["kernel", "initrd", "squashfs", "iso", "raw"], raw_generic=True,
-                    overlay=overlay)
-    b = builtin_doc(REAL_B, base, registry, ["kernel", "initrd", "squashfs", "iso"], overlay=overlay)
+    base = images.real_base((flavors / REAL_ID).read_text().strip())
+    registry = f"{registry}/kairos"
+    a = builtin_doc(REAL_A, base, registry, ["kernel", "initrd", "squashfs", "iso", "raw"], raw_generic=True)
+    b = builtin_doc(REAL_B, base, registry, ["kernel", "initrd", "squashfs", "iso"])
     for doc in (a, b):
         write_if_changed(flavors / f"{doc['flavor']}.yaml", flavor_text(doc))
 

@@ -103,8 +103,12 @@ def tiny_rootfs(source: Path) -> bytes:
     return out.getvalue()
 
 
-def push_rootfs(ref: str, rootfs: bytes) -> None:
-    build_and_push(ref, {"rootfs.tar": rootfs}, {}, 'FROM scratch\nADD rootfs.tar /\nCMD ["/bin/sh"]\n')
+def push_rootfs(ref: str, rootfs: bytes, files: dict[str, bytes] | None = None) -> None:
+    """A base image of ``rootfs`` plus ``files`` (path in the image -> bytes)."""
+    extra = {f"extra{i}": data for i, data in enumerate((files or {}).values())}
+    copies = "".join(f"COPY extra{i} {path}\n" for i, path in enumerate(files or {}))
+    build_and_push(ref, {"rootfs.tar": rootfs, **extra}, {},
+                   f'FROM scratch\nADD rootfs.tar /\n{copies}CMD ["/bin/sh"]\n')
 
 
 def push_standin(ref: str) -> None:
@@ -126,9 +130,12 @@ class Images:
         return self.args.base or ensure_image(f"{self.args.registry}/base-tiny:bookworm-dash",
                                               lambda ref: push_rootfs(ref, tiny_rootfs(self._tar())))
 
-    def real_base(self) -> str:
-        return self.args.real_base or ensure_image(f"{self.args.registry}/base-minbase:bookworm",
-                                                   lambda ref: push_rootfs(ref, self._tar().read_bytes()))
+    def real_base(self, bench_id: str) -> str:
+        """The minbase rootfs with /etc/kairos-bench-id: one base per bench dir, so the first
+        conversion in a new bench dir is cold even when BuildKit's cache holds one made elsewhere."""
+        return self.args.real_base or ensure_image(
+            f"{self.args.registry}/base-minbase:bookworm-{bench_id}",
+            lambda ref: push_rootfs(ref, self._tar().read_bytes(), {"/etc/kairos-bench-id": f"{bench_id}\n".encode()}))
 
     def standin(self) -> str:
         return self.args.kairos_init or ensure_image(f"{self.args.registry}/kairos-init-standin:v0",

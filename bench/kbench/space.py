@@ -85,12 +85,12 @@ def parse_json(wall: float, out: str) -> Run:
                {t["name"]: t["out"] for t in tasks})
 
 
-def doit(space: Space, *args: str, json_report: bool = False) -> Run:
-    """Run `python3 -m doit -f dodo.py ARGS` as a whole process and time it."""
+def doit(space: Space, *args: str, json_report: bool = False, env: dict[str, str] | None = None) -> Run:
+    """Run `python3 -m doit -f dodo.py ARGS` as a whole process and time it (``env``: more variables)."""
     argv = [sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"),
             *(["--reporter", "json"] if json_report else []), *args]
     started = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, env=space.env(), cwd=ROOT,
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**space.env(), **(env or {})}, cwd=ROOT,
                           stdin=subprocess.DEVNULL)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
