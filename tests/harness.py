@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,21 @@ if [ "$stage" = init ]; then
     "$version" > /etc/kairos-release
 fi
 """
+
+
+def buildkit_steps(output: str) -> dict[str, bool]:
+    """Dockerfile steps in BuildKit's plain progress (`#N [i/n] STEP`) -> whether they were
+    taken from the cache (a later line `#N CACHED`)."""
+    steps: dict[str, str] = {}
+    cached: set[str] = set()
+    for line in output.splitlines():
+        line = line.strip()
+        m = re.match(r"#(\d+) \[[^\]]*?\d+/\d+\] (.+)$", line)
+        if m:
+            steps[m[1]] = m[2]
+        elif re.fullmatch(r"#\d+ CACHED", line):
+            cached.add(line.split()[0][1:])
+    return {step: n in cached for n, step in steps.items()}
 
 
 @dataclass

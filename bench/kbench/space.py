@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 from tasks.config import load_flavors
 from tasks.matrix import Build, expand
 from tasks.state import Paths
-from tests.harness import ALWAYS_RUN
+from tests.harness import ALWAYS_RUN, buildkit_steps
 
 from . import ROOT
 from .common import BenchError
@@ -111,8 +110,7 @@ def unlink_outputs(*files: Path) -> None:
 
 
 def run_step_cached(build_output: str) -> bool:
-    """True when BuildKit took the converter's RUN step from its cache: the step `#N [k/m] RUN ...`
-    is followed by a line `#N CACHED` (other steps, FROM and COPY, are often cached anyway)."""
-    lines = [line.strip() for line in build_output.splitlines()]
-    steps = {line.split()[0] for line in lines if re.match(r"#\d+ \[\d+/\d+\] RUN ", line)}
-    return bool(steps) and all(f"{step} CACHED" in lines for step in steps)
+    """True when BuildKit took every RUN step of the conversion from its cache (other steps, FROM
+    and COPY, are often cached anyway)."""
+    runs = [hit for step, hit in buildkit_steps(build_output).items() if step.startswith("RUN ")]
+    return bool(runs) and all(runs)

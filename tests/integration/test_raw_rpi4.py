@@ -23,7 +23,6 @@ import gzip
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -37,7 +36,7 @@ from tasks.config import load_flavors
 from tasks.matrix import expand
 from tasks.tools import qemu
 
-from tests.harness import LZ4, Workspace, builtin_doc, write_flavor
+from tests.harness import LZ4, Workspace, buildkit_steps, builtin_doc, write_flavor
 
 pytestmark = pytest.mark.integration
 
@@ -353,20 +352,6 @@ def test_second_raw_run_builds_nothing(rpi, built, arm_iso):
     assert final.build_actions == set(), f"expected nothing to rebuild, ran {final.build_actions}"
 
 
-def cached_steps(output: str) -> set[str]:
-    """The Dockerfile steps BuildKit's plain progress reports as CACHED (`#N [i/n] STEP` ... `#N CACHED`)."""
-    steps, cached = {}, set()
-    for line in output.splitlines():
-        line = line.strip()
-        m = re.match(r"#(\d+) \[[^\]]*\d+/\d+\] (.+)$", line)
-        if m:
-            steps[m[1]] = m[2]
-        m = re.match(r"#(\d+) CACHED$", line)
-        if m and m[1] in steps:
-            cached.add(steps[m[1]])
-    return cached
-
-
 def test_overlay_change_reruns_exactly_the_rpi4_chain(rpi, built):
     ws, b, other, overlay = rpi
     img = ws.outputs / "v3.1.0" / f"{b.stem}.img"
@@ -378,7 +363,7 @@ def test_overlay_change_reruns_exactly_the_rpi4_chain(rpi, built):
     assert per_build(ws, result.build_actions)[0] == rpi_chain(b) | {f"carrier:{b.stem}", f"boot:{b.stem}"}, \
         result.build_actions
     # the overlay comes after the package and initrd steps: BuildKit reuses both layers
-    cached = cached_steps(result.out + result.err)
+    cached = {step for step, hit in buildkit_steps(result.out + result.err).items() if hit}
     assert {"RUN sh /tmp/builtin-install.sh && rm -f /tmp/builtin-install.sh",
             "RUN sh /tmp/builtin-initrd.sh && rm -f /tmp/builtin-initrd.sh"} <= cached, cached
     assert "COPY overlay/ /" not in cached
