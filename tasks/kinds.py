@@ -64,6 +64,11 @@ PROGRAMS: dict[str, Program] = {
                       ("cosign", "version")),
     "grype": Program("the Go module github.com/anchore/grype (bash ci/setup.sh runs go install)",
                      ("grype", "version")),
+    "openssl": Program("Debian package openssl", ("openssl", "version")),
+    "cert-to-efi-sig-list": Program("Debian package efitools", ("cert-to-efi-sig-list", "--version")),
+    "sign-efi-sig-list": Program("Debian package efitools", ("sign-efi-sig-list", "--version")),
+    "sbsign": Program("Debian package sbsigntool", ("sbsign", "--version")),
+    "sbverify": Program("Debian package sbsigntool", ("sbverify", "--version")),
 }
 
 
