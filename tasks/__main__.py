@@ -18,6 +18,7 @@ from .model import ConfigError
 from .graph import flavor_sources, select_builds
 from .kinds import ARTIFACT_KINDS, KINDS
 from .matrix import Build
+from .run import KairosError
 from .state import Paths, read_digest, safe_id
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,7 +204,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KairosError as exc:  # one message, no traceback: 2 for bad input or environment, else 1
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if exc.kind == "error" else 1
 
 
 if __name__ == "__main__":
