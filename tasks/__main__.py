@@ -4,6 +4,7 @@
                 name of every artifact it produces (Kairos naming convention)
   k3s-versions  compute the next three k3s versions of a release (version policy)
   images        list the Docker image references a state directory records (CI helpers)
+  genkey        generate Secure Boot keys (PK, KEK, db) for Trusted Boot images
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import k3s, naming
+from . import k3s, keys, naming
 from .config import load_flavors
 from .model import ConfigError
 from .graph import flavor_sources, select_builds
@@ -158,6 +159,12 @@ def cmd_k3s_versions(args) -> int:
     return 0
 
 
+def cmd_genkey(args) -> int:
+    keys.generate(Path(args.dir), args.name, [Path(f) for f in args.microsoft_kek],
+                  [Path(f) for f in args.microsoft_db], args.force)
+    return 0
+
+
 def add_selection(command: argparse.ArgumentParser) -> None:
     """--flavors and --shard: which builds a command works on (see selected_builds)."""
     command.add_argument("--flavors", metavar="PATHS",
@@ -199,6 +206,18 @@ def parser() -> argparse.ArgumentParser:
                     "like a new CI runner. Contacts nothing.")
     add_selection(images)
     images.set_defaults(func=cmd_images)
+    genkey = sub.add_parser(
+        "genkey", help="generate Secure Boot keys (PK, KEK, db) for Trusted Boot images",
+        description=keys.HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    genkey.add_argument("dir", metavar="DIR", help="directory to write the keys into (created if missing)")
+    genkey.add_argument("--name", default=keys.DEFAULT_NAME,
+                        help=f"certificate names: CN=\"NAME PK\" etc. (default: {keys.DEFAULT_NAME})")
+    for var, option in keys.MICROSOFT.items():
+        genkey.add_argument(option, action="append", default=[], metavar="FILE",
+                            help=f"a Microsoft {var} certificate (PEM or DER) to append to {var}.esl and "
+                                 f"{var}.auth; repeat for several")
+    genkey.add_argument("--force", action="store_true", help="replace the keys DIR already holds")
+    genkey.set_defaults(func=cmd_genkey)
     return p
 
 
