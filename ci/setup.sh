@@ -15,7 +15,8 @@ die() { echo "setup: error: $*" >&2; exit 1; }
 
 APT_PACKAGES=(docker.io docker-registry mmdebstrap arch-test squashfs-tools tar curl ca-certificates
   grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools dosfstools e2fsprogs fdisk ipxe
-  qemu-system-x86 qemu-system-arm qemu-efi-aarch64 ovmf qemu-user-static binfmt-support zstd shellcheck git socat efitools sbsigntool)
+  qemu-system-x86 qemu-system-arm qemu-efi-aarch64 ovmf qemu-user-static binfmt-support zstd shellcheck git socat efitools sbsigntool
+  systemd-boot-efi binutils cpio faketime)
 docker_ok() {
   if [ -n "${DOCKER_HOST:-}" ]; then
     /usr/bin/docker info >/dev/null 2>&1

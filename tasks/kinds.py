@@ -69,6 +69,10 @@ PROGRAMS: dict[str, Program] = {
     "sign-efi-sig-list": Program("Debian package efitools", ("sign-efi-sig-list", "--version")),
     "sbsign": Program("Debian package sbsigntool", ("sbsign", "--version")),
     "sbverify": Program("Debian package sbsigntool", ("sbverify", "--version")),
+    "objcopy": Program("Debian package binutils", ("objcopy", "--version")),
+    "objdump": Program("Debian package binutils"),
+    "cpio": Program("Debian package cpio", ("cpio", "--version")),
+    "faketime": Program("Debian package faketime"),
 }
 
 

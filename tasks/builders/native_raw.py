@@ -361,6 +361,27 @@ def fat_dirs(paths: list[str]) -> list[str]:
     return out
 
 
+def make_fat(fat: Path, size: int, label: str, volume_id: str, files: dict[str, Path], staging: Path) -> Path:
+    """A FAT32 file system of ``size`` bytes at ``fat`` holding ``files`` (FAT path -> source),
+    made with mkfs.vfat and filled with mtools (no mount); ``staging`` holds the files under
+    their FAT names meanwhile (hard links where possible)."""
+    env = {"MTOOLS_SKIP_CHECK": "1"}
+    with open(fat, "wb") as fh:
+        fh.truncate(size)
+    run(mkfs_vfat_argv(fat, label, volume_id), what=f"mkfs.vfat {label}")
+    for rel, src in files.items():
+        _stage_file(src, staging / rel)
+    dirs = fat_dirs(list(files))
+    if dirs:
+        run(mmd_argv(fat, dirs), env=env, what=f"mmd in {label}")
+    by_dir: dict[str, list[Path]] = {}
+    for rel in files:
+        by_dir.setdefault(posixpath.dirname(rel), []).append(staging / rel)
+    for d, group in by_dir.items():
+        run(mcopy_argv(fat, group, d + "/" if d else ""), env=env, what=f"mcopy files into {label}")
+    return fat
+
+
 def build_disk(out: Path, work: Path, seed: str, boot: dict[str, Path], squashfs: Path,
                boot_type: str = "c", oem: dict[str, Path] | None = None) -> Plan:
     """Assemble the raw disk image at ``out``; ``boot`` maps FAT paths to files, ``oem`` the
@@ -374,25 +395,10 @@ def build_disk(out: Path, work: Path, seed: str, boot: dict[str, Path], squashfs
 
     by_label = {x.label: x for x in p.partitions}
     fs_files: dict[str, Path] = {}
-    env = {"MTOOLS_SKIP_CHECK": "1"}
 
     # firmware/boot partition: FAT32 on a file, filled with mtools under the planned names
-    fat = work / "COS_GRUB.vfat"
-    with open(fat, "wb") as fh:
-        fh.truncate(by_label["COS_GRUB"].size)
-    run(mkfs_vfat_argv(fat, "COS_GRUB", ident["vfat"]), what="mkfs.vfat COS_GRUB")
-    named = work / "COS_GRUB.d"
-    for rel, src in boot.items():
-        _stage_file(src, named / rel)
-    dirs = fat_dirs(list(boot))
-    if dirs:
-        run(mmd_argv(fat, dirs), env=env, what="mmd in COS_GRUB")
-    by_dir: dict[str, list[Path]] = {}
-    for rel in boot:
-        by_dir.setdefault(posixpath.dirname(rel), []).append(named / rel)
-    for d, files in by_dir.items():
-        run(mcopy_argv(fat, files, d + "/" if d else ""), env=env, what="mcopy files into COS_GRUB")
-    fs_files["COS_GRUB"] = fat
+    fs_files["COS_GRUB"] = make_fat(work / "COS_GRUB.vfat", by_label["COS_GRUB"].size, "COS_GRUB", ident["vfat"],
+                                    boot, work / "COS_GRUB.d")
 
     # Kairos partitions: ext4 filled from directories
     trees = {"COS_OEM": dict(oem or {}), "COS_RECOVERY": {RECOVERY_IMAGE: squashfs}, "COS_STATE": {STATE_IMAGE: squashfs},

@@ -1,0 +1,268 @@
+"""Unified Kernel Images for Trusted Boot: the whole OS in one signed EFI binary.
+
+A UKI is systemd's EFI stub (`linuxx64.efi.stub`) with sections appended:
+
+    .osrel    the image's /etc/os-release
+    .cmdline  the kernel command line (Kairos' UKI command line unless the flavor sets one)
+    .uname    the kernel release
+    .initrd   the initrd: here, as upstream, the image's WHOLE root file system as a
+              zstd-compressed newc cpio, so everything that boots is covered by the signature
+    .linux    the kernel
+
+Sections are added with objcopy at addresses after the stub's last section, each aligned to
+the stub's SectionAlignment (`section_vmas`, pure). objcopy stamps the PE header with the
+current time; `stamp_pe_time` writes SOURCE_DATE_EPOCH there instead, and the cpio is made
+from a sorted file list with clamped mtimes, renumbered inodes and zstd at a fixed level, so
+the same inputs give the same UKI bytes. The signature: `sbsign` with the db key. sbsign puts
+the signing time into the PKCS#7 signature, so it runs under faketime at SOURCE_DATE_EPOCH
+when faketime is installed (then the signed file is reproducible too); the UKI itself is
+reproducible either way.
+
+The root file system prepared for the cpio (`prepare_rootfs`): /boot removed (its kernel and
+initrd would only double the size), /init pointing at the image's init (immucore where the
+image has it, as upstream, else /sbin/init: the builtin converter's systemd then runs the
+system from the initramfs), empty /proc /sys /dev /run /tmp, and /oem, /efi and
+/usr/local/cloud-config as upstream.
+
+The ESP of the `-uki.iso` (`esp_files`, pure) is laid out like AuroraBoot's: systemd-boot as
+EFI/BOOT/BOOTX64.EFI (signed), the UKI as EFI/kairos/<name>.efi, loader/loader.conf,
+loader/entries/<name>.conf and the public enrolment files loader/keys/auto/{PK,KEK,db}.auth.
+Debian bookworm's systemd-boot is 252: its entries name the UKI with `efi` (the `uki` key
+needs 257) and `secure-boot-enroll` takes off, manual or force (`if-safe` needs 253).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..run import UsageError, run
+from .native_raw import MIB, make_fat
+
+SECTIONS = (".osrel", ".cmdline", ".uname", ".initrd", ".linux")   # in file order, as ukify writes them
+CMDLINE = ("console=ttyS0 console=tty1 net.ifnames=1 rd.immucore.oemlabel=COS_OEM rd.immucore.oemtimeout=2 "
+           "rd.immucore.uki selinux=0 panic=5 rd.shell=0 systemd.crash_reboot=yes")  # AuroraBoot's UkiCmdline
+EFI_DIR = "usr/lib/systemd/boot/efi"                # Debian systemd-boot-efi, in the image or on the host
+STUB = {"amd64": "linuxx64.efi.stub"}
+BOOTLOADER = {"amd64": ("systemd-bootx64.efi", "BOOTX64.EFI")}
+ENROLL = ("off", "manual", "force")                 # secure-boot-enroll values of systemd-boot 252
+AUTH_FILES = ("PK.auth", "KEK.auth", "db.auth")
+INIT_CANDIDATES = ("usr/bin/immucore", "sbin/init", "lib/systemd/systemd")
+EMPTY_DIRS = ("proc", "sys", "dev", "run", "tmp", "oem", "efi", "usr/local/cloud-config")
+ZSTD_LEVEL = 15
+ISO_VOLUME = "UKI_ISO_INSTALL"
+ESP_NAME = "efiboot.img"
+
+
+@dataclass(frozen=True)
+class PeLayout:
+    """What objcopy needs of the stub: where its sections end and how they align."""
+
+    end: int          # highest VMA + size of its sections
+    alignment: int    # SectionAlignment
+
+
+def parse_layout(objdump_h: str, objdump_p: str) -> PeLayout:
+    """The stub's layout from `objdump -h` and `objdump -p` output (pure)."""
+    end = 0
+    for line in objdump_h.splitlines():
+        fields = line.split()
+        if len(fields) == 7 and fields[0].isdigit():
+            end = max(end, int(fields[2], 16) + int(fields[3], 16))
+    m = re.search(r"^SectionAlignment\s+([0-9a-fA-F]+)", objdump_p, re.M)
+    if not end or not m:
+        raise UsageError("cannot read the sections of the EFI stub (objdump): is it a PE file?")
+    return PeLayout(end, int(m[1], 16))
+
+
+def section_vmas(layout: PeLayout, sizes: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Section name -> address, each after the previous one and aligned (pure)."""
+    def up(x: int) -> int:
+        return -(-x // layout.alignment) * layout.alignment
+    out, vma = [], up(layout.end)
+    for name, size in sizes:
+        out.append((name, vma))
+        vma = up(vma + size)
+    return out
+
+
+def objcopy_argv(stub: Path, out: Path, sections: list[tuple[str, Path, int]]) -> list[str]:
+    """objcopy adding each (name, file, vma) to ``stub`` (pure)."""
+    argv = ["objcopy"]
+    for name, path, vma in sections:
+        argv += ["--add-section", f"{name}={path}", "--change-section-vma", f"{name}=0x{vma:x}"]
+    return argv + [str(stub), str(out)]
+
+
+def sbsign_argv(key: Path, cert: Path, src: Path, out: Path, epoch: int | None = None) -> list[str]:
+    """sbsign by the db key (pure); with ``epoch``, under faketime with the clock stopped at that
+    time (UTC), so the signing time in the signature is fixed."""
+    argv = ["sbsign", "--key", str(key), "--cert", str(cert), "--output", str(out), str(src)]
+    if epoch is None:
+        return argv
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch))
+    return ["env", "TZ=UTC", "faketime", "-f", stamp, *argv]
+
+
+def sbverify_argv(cert: Path, efi: Path) -> list[str]:
+    return ["sbverify", "--cert", str(cert), str(efi)]
+
+
+def stamp_pe_time(path: Path, epoch: int) -> None:
+    """Write ``epoch`` into the PE/COFF header's TimeDateStamp (objcopy writes the current time)."""
+    with open(path, "r+b") as fh:
+        head = fh.read(0x40)
+        if head[:2] != b"MZ":
+            raise UsageError(f"{path.name}: not a PE file")
+        (pe_offset,) = struct.unpack_from("<I", head, 0x3C)
+        fh.seek(pe_offset)
+        if fh.read(4) != b"PE\0\0":
+            raise UsageError(f"{path.name}: no PE signature")
+        fh.seek(pe_offset + 8)  # after Signature (4), Machine (2), NumberOfSections (2)
+        fh.write(struct.pack("<I", epoch & 0xFFFFFFFF))
+
+
+def read_sections(path: Path) -> dict[str, bytes]:
+    """Section name -> raw data of a PE file (for checks; the sections objcopy and sbsign wrote)."""
+    data = Path(path).read_bytes()
+    (pe,) = struct.unpack_from("<I", data, 0x3C)
+    count, opt_size = struct.unpack_from("<H12xH", data, pe + 6)
+    table = pe + 24 + opt_size
+    out = {}
+    for i in range(count):
+        name, vsize, _, raw_size, raw_ptr = struct.unpack_from("<8sIIII", data, table + 40 * i)
+        out[name.rstrip(b"\0").decode()] = data[raw_ptr:raw_ptr + min(vsize, raw_size)]
+    return out
+
+
+# --- the root file system in the initrd ----------------------------------------------------------
+
+def init_target(root: Path) -> str:
+    """What /init points at: the first of INIT_CANDIDATES the image has (immucore, as upstream)."""
+    for rel in INIT_CANDIDATES:
+        if os.path.lexists(root / rel):
+            return "/" + rel
+    raise UsageError("the image has no init (none of /" + ", /".join(INIT_CANDIDATES) + "): it cannot boot as a UKI")
+
+
+def cpio_argv() -> list[str]:
+    """GNU cpio writing a newc archive of the NUL-separated names on stdin (pure), device
+    numbers dropped and inodes renumbered (`--reproducible`)."""
+    return ["cpio", "--quiet", "--null", "--create", "--format=newc", "--reproducible"]
+
+
+def zstd_argv(level: int = ZSTD_LEVEL) -> list[str]:
+    return ["zstd", "-q", f"-{level}", "-T0"]
+
+
+def rootfs_names(root: Path) -> list[bytes]:
+    """Every path under ``root`` relative to it, sorted bytewise (pure but for the walk): the cpio's order."""
+    names = []
+    for top, dirs, files in os.walk(root):
+        rel = os.path.relpath(top, root)
+        for name in dirs + files:
+            names.append(os.fsencode(os.path.normpath(os.path.join(rel, name))))
+    return sorted(names)
+
+
+# --- the ESP of the -uki.iso ---------------------------------------------------------------------
+
+def loader_conf(enroll: str, timeout: int = 5) -> str:
+    if enroll not in ENROLL:
+        raise UsageError(f"secure-boot-enroll {enroll!r}: systemd-boot 252 takes {', '.join(ENROLL)}")
+    return f"timeout {timeout}\nconsole-mode max\neditor no\nsecure-boot-enroll {enroll}\n"
+
+
+def entry_conf(title: str, name: str) -> str:
+    return f"title {title}\nsort-key {name}\nefi /EFI/kairos/{name}.efi\n"
+
+
+def esp_files(name: str, uki: Path, bootloader: Path, loader: Path, entry: Path, keys: Path,
+              arch: str = "amd64") -> dict[str, Path]:
+    """FAT path -> source file of the ESP (pure)."""
+    files = {f"EFI/BOOT/{BOOTLOADER[arch][1]}": bootloader, f"EFI/kairos/{name}.efi": uki,
+             "loader/loader.conf": loader, f"loader/entries/{name}.conf": entry}
+    files.update({f"loader/keys/auto/{auth}": keys / auth for auth in AUTH_FILES})
+    return files
+
+
+def xorriso_argv(out: Path, tree: Path, volume: str = ISO_VOLUME) -> list[str]:
+    """An EFI-only ISO whose El Torito image is the ESP at ``tree``/efiboot.img (pure)."""
+    return ["xorriso", "-as", "mkisofs", "-V", volume, "-isohybrid-gpt-basdat", "-e", ESP_NAME, "-no-emul-boot",
+            "-o", str(out), str(tree)]
+
+
+# --- the runners -----------------------------------------------------------------------------------
+
+def stub_layout(stub: Path) -> PeLayout:
+    return parse_layout(run(["objdump", "-h", str(stub)], capture=True, what=f"read the sections of {stub.name}"),
+                        run(["objdump", "-p", str(stub)], capture=True, what=f"read the header of {stub.name}"))
+
+
+def prepare_rootfs(root: Path) -> None:
+    """Make an unpacked image root file system ready to be the UKI's initrd (see the module doc)."""
+    target = init_target(root)
+    shutil.rmtree(root / "boot", ignore_errors=True)
+    (root / "init").unlink(missing_ok=True)
+    (root / "init").symlink_to(target)
+    for rel in EMPTY_DIRS:
+        path = root / rel
+        if path.is_dir() and not path.is_symlink() and rel in ("proc", "sys", "dev", "run", "tmp"):
+            shutil.rmtree(path)
+        if not os.path.lexists(path):
+            path.mkdir(parents=True)
+    (root / "tmp").chmod(0o1777)
+
+
+def clamp_mtimes(root: Path, epoch: int) -> None:
+    """No file in ``root`` is newer than ``epoch`` (as SOURCE_DATE_EPOCH tools do)."""
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files + ["."]:
+            path = os.path.join(top, name)
+            st = os.lstat(path)
+            if st.st_mtime > epoch:
+                os.utime(path, (epoch, epoch), follow_symlinks=False)
+
+
+def make_initrd(root: Path, out: Path, epoch: int, work: Path) -> None:
+    """``root`` as a zstd newc cpio at ``out``: sorted names, mtimes clamped, inodes renumbered."""
+    clamp_mtimes(root, epoch)
+    archive = work / "initrd.cpio"
+    names = rootfs_names(root)
+    run([*cpio_argv(), "--file", str(archive)], cwd=root, feed=[b"\0".join(names) + b"\0"],
+        what="cpio the root file system")
+    run([*zstd_argv(), "-f", "-o", str(out), str(archive)], what="zstd the initrd")
+    archive.unlink()
+
+
+def assemble(stub: Path, files: dict[str, Path], out: Path, epoch: int) -> None:
+    """The unsigned UKI at ``out``: ``files`` maps each of SECTIONS to its content."""
+    missing = [s for s in SECTIONS if s not in files]
+    if missing:
+        raise UsageError(f"UKI sections missing: {', '.join(missing)}")
+    vmas = section_vmas(stub_layout(stub), [(s, files[s].stat().st_size) for s in SECTIONS])
+    run(objcopy_argv(stub, out, [(name, files[name], vma) for name, vma in vmas]), what="objcopy the UKI")
+    stamp_pe_time(out, epoch)
+
+
+def sign(key: Path, cert: Path, src: Path, out: Path, epoch: int) -> None:
+    """``src`` signed by ``key``/``cert`` at ``out``, checked with sbverify; the signing time is
+    ``epoch`` when faketime is installed."""
+    fixed = epoch if shutil.which("faketime") else None
+    run(sbsign_argv(key, cert, src, out, fixed), what=f"sbsign {out.name}")
+    run(sbverify_argv(cert, out), what=f"sbverify {out.name}")
+
+
+def build_iso(out: Path, files: dict[str, Path], work: Path, volume_id: str, epoch: int) -> None:
+    """The EFI-only ISO at ``out`` whose ESP (FAT, El Torito) holds ``files`` (FAT path -> source);
+    xorriso dates it at ``epoch``."""
+    size = sum(f.stat().st_size for f in files.values())
+    size = max(64 * MIB, -(-(size + size // 50 + 4 * MIB) // MIB) * MIB)  # FAT32 minimum, 2% + 4 MiB slack
+    tree = work / "iso"
+    tree.mkdir(parents=True, exist_ok=True)
+    make_fat(tree / ESP_NAME, size, "COS_GRUB", volume_id, files, work / "esp.d")
+    run(xorriso_argv(out, tree), env={"SOURCE_DATE_EPOCH": str(epoch)}, what=f"xorriso {out.name}")

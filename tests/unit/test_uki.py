@@ -1,0 +1,192 @@
+"""The UKI builder: pure parts as tables, then a real (small) UKI from Debian's systemd stub with
+objcopy, signed with sbsign by a key set made by `python -m tasks genkey`, checked with sbverify,
+and its ESP/ISO made with mtools and xorriso. The kernel and initrd here are placeholders (bytes
+that only fill the sections); UKIs of real images are booted under Secure Boot elsewhere."""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tasks import keys
+from tasks.builders import uki
+from tasks.run import CommandError, UsageError, run
+
+STUB = Path("/usr/lib/systemd/boot/efi") / uki.STUB["amd64"]
+BOOT = Path("/usr/lib/systemd/boot/efi") / uki.BOOTLOADER["amd64"][0]
+EPOCH = 1700000000
+
+OBJDUMP_H = """
+x.efi.stub:     file format pei-x86-64
+
+Sections:
+Idx Name          Size      VMA               LMA               File off  Algn
+  0 .text         0000bff0  0000000000004000  0000000000004000  00000400  2**4
+                  CONTENTS, ALLOC, LOAD, READONLY, CODE
+  6 .sbat         000000e2  0000000000019000  0000000000019000  00011000  2**2
+  7 .sdmagic      00000034  0000000000019100  0000000000019100  00011200  2**2
+"""
+OBJDUMP_P = "ImageBase\t\t0000000000000000\nSectionAlignment\t00000200\nFileAlignment\t\t00000200\n"
+
+
+def test_parse_layout():
+    assert uki.parse_layout(OBJDUMP_H, OBJDUMP_P) == uki.PeLayout(0x19134, 0x200)
+    with pytest.raises(UsageError, match="is it a PE file"):
+        uki.parse_layout("nothing", OBJDUMP_P)
+
+
+@pytest.mark.parametrize("layout, sizes, expected", [
+    (uki.PeLayout(0x19134, 0x200), [(".osrel", 10), (".cmdline", 0x200), (".linux", 1)],
+     [(".osrel", 0x19200), (".cmdline", 0x19400), (".linux", 0x19600)]),
+    (uki.PeLayout(0x1000, 0x1000), [(".a", 0x1001), (".b", 5)], [(".a", 0x1000), (".b", 0x3000)]),
+])
+def test_section_vmas(layout, sizes, expected):
+    assert uki.section_vmas(layout, sizes) == expected
+
+
+def test_argv_builders():
+    assert uki.objcopy_argv(Path("s"), Path("o"), [(".osrel", Path("f"), 0x19200)]) == \
+        ["objcopy", "--add-section", ".osrel=f", "--change-section-vma", ".osrel=0x19200", "s", "o"]
+    assert uki.sbsign_argv(Path("k"), Path("c"), Path("i"), Path("o")) == \
+        ["sbsign", "--key", "k", "--cert", "c", "--output", "o", "i"]
+    assert uki.sbsign_argv(Path("k"), Path("c"), Path("i"), Path("o"), EPOCH)[:5] == \
+        ["env", "TZ=UTC", "faketime", "-f", "2023-11-14 22:13:20"]
+    assert uki.cpio_argv() == ["cpio", "--quiet", "--null", "--create", "--format=newc", "--reproducible"]
+    assert uki.xorriso_argv(Path("o.iso"), Path("t")) == [
+        "xorriso", "-as", "mkisofs", "-V", "UKI_ISO_INSTALL", "-isohybrid-gpt-basdat", "-e", "efiboot.img",
+        "-no-emul-boot", "-o", "o.iso", "t"]
+
+
+@pytest.mark.parametrize("enroll, ok", [("force", True), ("manual", True), ("off", True), ("if-safe", False)])
+def test_loader_conf(enroll, ok):
+    if ok:
+        assert uki.loader_conf(enroll) == f"timeout 5\nconsole-mode max\neditor no\nsecure-boot-enroll {enroll}\n"
+    else:
+        with pytest.raises(UsageError, match="systemd-boot 252 takes off, manual, force"):
+            uki.loader_conf(enroll)
+
+
+def test_esp_layout_like_auroraboot():
+    files = uki.esp_files("kairos-x", Path("u.efi"), Path("b.efi"), Path("l.conf"), Path("e.conf"), Path("/k"))
+    assert files == {"EFI/BOOT/BOOTX64.EFI": Path("b.efi"), "EFI/kairos/kairos-x.efi": Path("u.efi"),
+                     "loader/loader.conf": Path("l.conf"), "loader/entries/kairos-x.conf": Path("e.conf"),
+                     "loader/keys/auto/PK.auth": Path("/k/PK.auth"), "loader/keys/auto/KEK.auth": Path("/k/KEK.auth"),
+                     "loader/keys/auto/db.auth": Path("/k/db.auth")}
+    assert uki.entry_conf("Kairos x", "kairos-x") == "title Kairos x\nsort-key kairos-x\nefi /EFI/kairos/kairos-x.efi\n"
+
+
+def _rootfs(root: Path, init: str = "sbin/init") -> Path:
+    for rel in ("etc", "usr/bin", "sbin", "boot", "proc/1", "tmp/junk", "var/lib"):
+        (root / rel).mkdir(parents=True, exist_ok=True)
+    (root / "etc/os-release").write_text('ID=debian\nVERSION_ID="12"\n')
+    (root / "boot/vmlinuz").write_bytes(b"kernel")
+    (root / "proc/1/status").write_text("x")
+    (root / "tmp/junk/f").write_text("x")
+    (root / init).write_text("#!/bin/sh\n")
+    (root / "usr/bin/hello").write_text("hi\n")
+    os.link(root / "usr/bin/hello", root / "usr/bin/hello2")  # a hard link survives the cpio
+    return root
+
+
+def test_prepare_rootfs(tmp_path):
+    root = _rootfs(tmp_path / "r")
+    uki.prepare_rootfs(root)
+    assert os.readlink(root / "init") == "/sbin/init"
+    assert not (root / "boot").exists()
+    for rel in ("proc", "sys", "dev", "run", "tmp", "oem", "efi", "usr/local/cloud-config"):
+        assert (root / rel).is_dir(), rel
+    assert list((root / "proc").iterdir()) == [] and list((root / "tmp").iterdir()) == []
+    assert stat.S_IMODE((root / "tmp").stat().st_mode) == 0o1777
+    immucore = _rootfs(tmp_path / "i", init="usr/bin/immucore")
+    uki.prepare_rootfs(immucore)
+    assert os.readlink(immucore / "init") == "/usr/bin/immucore"   # as upstream, when the image has it
+    with pytest.raises(UsageError, match="has no init"):
+        uki.prepare_rootfs(tmp_path / "empty")
+
+
+def test_initrd_is_a_reproducible_cpio_of_the_rootfs(tmp_path):
+    outs = []
+    for i in range(2):
+        root = _rootfs(tmp_path / f"r{i}")
+        if i:  # a second tree made later: other inode numbers and mtimes, same content
+            (root / "usr/bin/late").write_text("late\n")
+            (root / "usr/bin/late").unlink()
+        uki.prepare_rootfs(root)
+        out = tmp_path / f"initrd{i}"
+        uki.make_initrd(root, out, EPOCH, tmp_path)
+        outs.append(out)
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    assert outs[0].read_bytes()[:4] == b"\x28\xb5\x2f\xfd"  # zstd
+    listing = subprocess.run(f"zstd -dc {outs[0]} | cpio -itv --quiet", shell=True, capture_output=True,
+                             text=True, check=True).stdout
+    names = [line.split()[-1] if "->" not in line else line.split()[-3] for line in listing.splitlines()]
+    assert names == sorted(names)
+    assert "init" in names and "etc/os-release" in names and "boot/vmlinuz" not in names
+    assert "2023" in listing and "2026" not in listing  # every mtime clamped to the epoch
+
+
+@pytest.fixture(scope="module")
+def keyset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("keys") / "k"
+    keys.generate(out)
+    return out
+
+
+def _sections(tmp_path: Path) -> dict[str, Path]:
+    content = {".osrel": b'ID=debian\n', ".cmdline": uki.CMDLINE.encode(), ".uname": b"6.1.0-test",
+               ".initrd": os.urandom(1 << 16), ".linux": os.urandom(1 << 17)}
+    files = {}
+    for name, data in content.items():
+        files[name] = tmp_path / name.lstrip(".")
+        files[name].write_bytes(data)
+    return files
+
+
+def test_uki_assembled_signed_and_verified(tmp_path, keyset):
+    files = _sections(tmp_path)
+    a, b = tmp_path / "a.efi", tmp_path / "b.efi"
+    uki.assemble(STUB, files, a, EPOCH)
+    uki.assemble(STUB, files, b, EPOCH)
+    assert a.read_bytes() == b.read_bytes()                   # the same inputs, the same bytes
+    sections = uki.read_sections(a)
+    for name, path in files.items():
+        assert sections[name] == path.read_bytes(), name
+    assert list(sections)[-5:] == list(uki.SECTIONS)
+    assert ".sbat" in sections                                # the stub's own sections are kept
+    signed, again = tmp_path / "a.signed.efi", tmp_path / "b.signed.efi"
+    uki.sign(keyset / "db.key", keyset / "db.crt", a, signed, EPOCH)
+    uki.sign(keyset / "db.key", keyset / "db.crt", b, again, EPOCH)
+    assert signed.read_bytes() == again.read_bytes()          # faketime: a fixed signing time
+    run(uki.sbverify_argv(keyset / "db.crt", signed))
+    with pytest.raises(CommandError, match="sbverify"):      # another key's certificate refuses it
+        run(uki.sbverify_argv(keyset / "KEK.crt", signed), what="sbverify with KEK")
+    with pytest.raises(CommandError):
+        run(uki.sbverify_argv(keyset / "db.crt", a), what="sbverify unsigned")
+
+
+def test_uki_iso_holds_the_esp(tmp_path, keyset):
+    files = _sections(tmp_path)
+    unsigned, signed, boot = tmp_path / "u.efi", tmp_path / "s.efi", tmp_path / "BOOTX64.EFI"
+    uki.assemble(STUB, files, unsigned, EPOCH)
+    uki.sign(keyset / "db.key", keyset / "db.crt", unsigned, signed, EPOCH)
+    uki.sign(keyset / "db.key", keyset / "db.crt", BOOT, boot, EPOCH)
+    (tmp_path / "loader.conf").write_text(uki.loader_conf("force"))
+    (tmp_path / "entry.conf").write_text(uki.entry_conf("Kairos t", "t"))
+    esp = uki.esp_files("t", signed, boot, tmp_path / "loader.conf", tmp_path / "entry.conf", keyset)
+    iso = tmp_path / "t-uki.iso"
+    uki.build_iso(iso, esp, tmp_path / "w", "1234ABCD", EPOCH)
+    report = run(["xorriso", "-indev", str(iso), "-report_el_torito", "plain"], capture=True)
+    assert "UEFI" in report and "BIOS" not in report.split("El Torito boot img")[-1]
+    extract = tmp_path / "esp.img"
+    run(["xorriso", "-osirrox", "on", "-indev", str(iso), "-extract", "/" + uki.ESP_NAME, str(extract)])
+    got = tmp_path / "got"
+    run(["mcopy", "-s", "-i", str(extract), "::/", str(got)], env={"MTOOLS_SKIP_CHECK": "1"})
+    for rel, src in esp.items():
+        assert (got / rel).read_bytes() == src.read_bytes(), rel
+    run(uki.sbverify_argv(keyset / "db.crt", got / "EFI/BOOT/BOOTX64.EFI"))
+    assert not any(p.name.endswith(".key") for p in got.rglob("*"))   # no private key on the medium
+    shutil.rmtree(got)
