@@ -23,7 +23,8 @@ from .kinds import ARTIFACT_KINDS
 from .model import (
     ARCHES, BUILDERS, FIRMWARES, BootOptions, CONVERTERS, DEFAULT_AURORABOOT_IMAGE, DEVICES,
     MMDEBSTRAP_VARIANTS, POLICIES, REF_RE, REPO_RE, SEVERITIES, SQUASHFS_COMPRESSORS, VARIANTS, BuiltinOptions,
-    ConfigError, Flavor, MmdebstrapBase, ScanOptions, SignOptions, SquashfsOptions, parse_ref)
+    ConfigError, ENROLL, Flavor, MmdebstrapBase, SECURE_BOOT_FILES, ScanOptions, SignOptions, SquashfsOptions,
+    TrustedBoot, parse_ref)
 
 # keys earlier versions accepted -> what to do now
 RETIRED = {
@@ -294,6 +295,25 @@ def _netboot_url(c: _Checker, mapping: dict, key: str, prefix: str) -> str | Non
     return url.rstrip("/") if url else url
 
 
+TRUSTED_BOOT: dict[str, Check] = {
+    "keys": _DIR,
+    "cmdline": _text(re.compile(r"^\S.*$"), "a kernel command line"),
+    "enroll": _choice(ENROLL, "secure-boot-enroll value"),
+}
+
+
+def _trusted_boot(c: _Checker, mapping: dict, key: str, prefix: str) -> TrustedBoot | None:
+    """true/false, or a mapping (TRUSTED_BOOT) that means true; false is None."""
+    value = mapping[key]
+    if isinstance(value, bool):
+        return TrustedBoot() if value else None
+    if not isinstance(value, dict):
+        c.problem(prefix + key, f"must be true, false or a mapping ({', '.join(TRUSTED_BOOT)}), "
+                  f"got {_type_name(value)} {value!r}", mapping, key)
+        return None
+    return _section(TrustedBoot, TRUSTED_BOOT)(c, mapping, key, prefix)
+
+
 def cloud_config_problems(path: Path) -> list[str]:
     """Problems of a cloud-config file, each naming `file:line` (pure but for reading it)."""
     try:
@@ -421,7 +441,7 @@ TOP: dict[str, Check] = {
     "registry": _text(REPO_RE, "a repository prefix without tag, e.g. 127.0.0.1:5000/kairos"),
     "artifacts": _list(ARTIFACT_KINDS),
     "overlay": _DIR,
-    "trusted_boot": _BOOL,
+    "trusted_boot": _trusted_boot,
     "fips": _BOOL,
     "raw_generic": _BOOL,
     "builtin": _section(BuiltinOptions, BUILTIN),
@@ -544,11 +564,26 @@ def trusted_boot_needs_generic(c: _Checker, v: SimpleNamespace) -> None:
         c.problem("trusted_boot", "trusted boot is only supported for generic devices")
 
 
+def uki_needs_keys(c: _Checker, v: SimpleNamespace) -> None:
+    """The uki artifact is signed: trusted_boot.keys must hold a genkey key set."""
+    if not v.artifacts or "uki" not in v.artifacts:
+        return
+    keys = v.trusted_boot.keys if v.trusted_boot else None
+    if keys is None:
+        c.problem("artifacts", "uki needs trusted_boot: {keys: DIR} with Secure Boot keys "
+                  "(make them with: python -m tasks genkey DIR)")
+        return
+    missing = [name for name in SECURE_BOOT_FILES if not (keys / name).is_file()]
+    if missing:
+        c.problem("trusted_boot", f"keys: {keys} lacks {', '.join(missing)} (make a key set with: "
+                  f"python -m tasks genkey {keys})")
+
+
 RULES: tuple[Callable[[_Checker, SimpleNamespace], None], ...] = (
     k3s_policy_needs_policy, builtin_needs_builtin_converter, grype_needs_vulnerabilities, sign_needs_key,
     ipxe_needs_netboot_url, kairos_init_needs_pinned_image, kairos_init_image_needs_kairos_init,
     standard_needs_k3s, standard_needs_kairos_init, k3s_needs_standard, devices_need_their_arch,
-    mmdebstrap_arch_serves_arches, raw_needs_rpi_or_raw_generic, trusted_boot_needs_generic,
+    mmdebstrap_arch_serves_arches, raw_needs_rpi_or_raw_generic, trusted_boot_needs_generic, uki_needs_keys,
 )
 
 

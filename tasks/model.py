@@ -80,6 +80,23 @@ class BootOptions:
     memory: int = 2048                      # MiB of the emulated machine
 
 
+# Trusted Boot (UKI): AuroraBoot's UKI command line, and systemd-boot 252's secure-boot-enroll values
+UKI_CMDLINE = ("console=ttyS0 console=tty1 net.ifnames=1 rd.immucore.oemlabel=COS_OEM rd.immucore.oemtimeout=2 "
+               "rd.immucore.uki selinux=0 panic=5 rd.shell=0 systemd.crash_reboot=yes")
+ENROLL = ("off", "manual", "force")
+SECURE_BOOT_FILES = ("db.key", "db.crt", "PK.auth", "KEK.auth", "db.auth")  # what a uki build needs of the keys
+
+
+@dataclass(frozen=True)
+class TrustedBoot:
+    """`trusted_boot: true` (kairos-init -t true) or a mapping, which also says how the `uki`
+    artifact is made and signed (keys made by `python -m tasks genkey DIR`)."""
+
+    keys: Path | None = None           # the genkey directory: db.key/db.crt sign, *.auth are enrolled
+    cmdline: str = UKI_CMDLINE         # the UKI's kernel command line
+    enroll: str = "force"              # systemd-boot's secure-boot-enroll on the -uki.iso
+
+
 @dataclass(frozen=True)
 class SquashfsOptions:
     compression: str = "gzip"
@@ -126,7 +143,7 @@ class Flavor:
     registry: str
     artifacts: tuple[str, ...]
     overlay: Path | None = None
-    trusted_boot: bool = False
+    trusted_boot: TrustedBoot | None = None   # None: false
     fips: bool = False
     raw_generic: bool = False
     builtin: BuiltinOptions = field(default_factory=BuiltinOptions)

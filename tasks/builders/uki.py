@@ -40,16 +40,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..model import ENROLL
 from ..run import UsageError, run
 from .native_raw import MIB, make_fat
 
 SECTIONS = (".osrel", ".cmdline", ".uname", ".initrd", ".linux")   # in file order, as ukify writes them
-CMDLINE = ("console=ttyS0 console=tty1 net.ifnames=1 rd.immucore.oemlabel=COS_OEM rd.immucore.oemtimeout=2 "
-           "rd.immucore.uki selinux=0 panic=5 rd.shell=0 systemd.crash_reboot=yes")  # AuroraBoot's UkiCmdline
 EFI_DIR = "usr/lib/systemd/boot/efi"                # Debian systemd-boot-efi, in the image or on the host
 STUB = {"amd64": "linuxx64.efi.stub"}
 BOOTLOADER = {"amd64": ("systemd-bootx64.efi", "BOOTX64.EFI")}
-ENROLL = ("off", "manual", "force")                 # secure-boot-enroll values of systemd-boot 252
 AUTH_FILES = ("PK.auth", "KEK.auth", "db.auth")
 INIT_CANDIDATES = ("usr/bin/immucore", "sbin/init", "lib/systemd/systemd")
 EMPTY_DIRS = ("proc", "sys", "dev", "run", "tmp", "oem", "efi", "usr/local/cloud-config")
@@ -112,18 +110,30 @@ def sbverify_argv(cert: Path, efi: Path) -> list[str]:
     return ["sbverify", "--cert", str(cert), str(efi)]
 
 
+def pe_checksum(data: bytes, checksum_at: int) -> int:
+    """The PE image checksum of ``data`` (pure): 16-bit one's-complement-style sum of the file
+    with the CheckSum field at ``checksum_at`` taken as zero, plus the file length."""
+    size = len(data)
+    words = memoryview(data + b"\0" * (size % 2)).cast("H")  # an odd last byte is a word of its own
+    total = sum(words) - words[checksum_at // 2] - words[checksum_at // 2 + 1]
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return (total + size) & 0xFFFFFFFF
+
+
 def stamp_pe_time(path: Path, epoch: int) -> None:
-    """Write ``epoch`` into the PE/COFF header's TimeDateStamp (objcopy writes the current time)."""
-    with open(path, "r+b") as fh:
-        head = fh.read(0x40)
-        if head[:2] != b"MZ":
-            raise UsageError(f"{path.name}: not a PE file")
-        (pe_offset,) = struct.unpack_from("<I", head, 0x3C)
-        fh.seek(pe_offset)
-        if fh.read(4) != b"PE\0\0":
-            raise UsageError(f"{path.name}: no PE signature")
-        fh.seek(pe_offset + 8)  # after Signature (4), Machine (2), NumberOfSections (2)
-        fh.write(struct.pack("<I", epoch & 0xFFFFFFFF))
+    """Write ``epoch`` into the PE/COFF header's TimeDateStamp (objcopy writes the current time)
+    and the CheckSum that goes with it."""
+    data = bytearray(Path(path).read_bytes())
+    if data[:2] != b"MZ":
+        raise UsageError(f"{path.name}: not a PE file")
+    (pe,) = struct.unpack_from("<I", data, 0x3C)
+    if data[pe:pe + 4] != b"PE\0\0":
+        raise UsageError(f"{path.name}: no PE signature")
+    struct.pack_into("<I", data, pe + 8, epoch & 0xFFFFFFFF)  # after Signature, Machine, NumberOfSections
+    checksum_at = pe + 24 + 64                                # the optional header's CheckSum
+    struct.pack_into("<I", data, checksum_at, pe_checksum(bytes(data), checksum_at))
+    Path(path).write_bytes(data)
 
 
 def read_sections(path: Path) -> dict[str, bytes]:

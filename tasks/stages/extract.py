@@ -12,6 +12,7 @@ import posixpath
 import re
 import shutil
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..model import SquashfsOptions
@@ -122,26 +123,36 @@ def mksquashfs_argv(source: Path, out: Path, opts: SquashfsOptions, arch: str) -
     return argv
 
 
-def squashfs(paths: Paths, b: Build, out: Path) -> None:
+@contextmanager
+def exported_rootfs(paths: Paths, b: Build, purpose: str):
+    """The root file system of ``b``'s image unpacked into a scratch directory (docker export |
+    tar, owners and modes kept), removed afterwards."""
     image = ensure_image(paths, b)
-    rootfs = partial_name(paths.tmp_dir() / f"{b.stem}-rootfs")
-    clean_partials(paths.tmp_dir() / f"{b.stem}-rootfs")
+    base = paths.tmp_dir() / f"{b.stem}-{purpose}-rootfs"
+    rootfs = partial_name(base)
+    clean_partials(base)
     rootfs.mkdir(parents=True)
-    container = docker.extract_container(image, container_owner(paths, b, "squashfs"))
     try:
-        say(f"    exporting the root filesystem of {b.image}")
-        run(["tar", "-x", "--numeric-owner", "-p", "-C", str(rootfs), "-f", "-"],
-            feed=container.export(chunk_size=1 << 20), what=f"unpack {b.image}")
+        container = docker.extract_container(image, container_owner(paths, b, purpose))
+        try:
+            say(f"    exporting the root filesystem of {b.image}")
+            run(["tar", "-x", "--numeric-owner", "-p", "-C", str(rootfs), "-f", "-"],
+                feed=container.export(chunk_size=1 << 20), what=f"unpack {b.image}")
+        finally:
+            container.remove(force=True)
         (rootfs / ".dockerenv").unlink(missing_ok=True)
+        yield rootfs
+    finally:
+        shutil.rmtree(rootfs, ignore_errors=True)
+
+
+def squashfs(paths: Paths, b: Build, out: Path) -> None:
+    with exported_rootfs(paths, b, "squashfs") as rootfs:
         say(f"    mksquashfs ({b.flavor.squashfs.compression}) -> {out.name}")
         with atomic_path(out) as tmp:
             run(mksquashfs_argv(rootfs, tmp, b.flavor.squashfs, b.arch), what=f"mksquashfs {out.name}")
         write_checksum(out)
         say(f"    {out.name}: {out.stat().st_size} bytes")
-    finally:
-        container.remove(force=True)
-        shutil.rmtree(rootfs, ignore_errors=True)
-
 
 
 def tasks(ctx: Context, kind: str):

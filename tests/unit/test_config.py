@@ -81,7 +81,7 @@ def test_minimal_flavor_loads_into_a_frozen_flavor(write_flavor):
     assert f.kairos_init_image == "quay.io/kairos/kairos-init:v4.3.0"
     assert f.k3s_versions == ()
     assert f.overlay is None
-    assert (f.trusted_boot, f.fips, f.raw_generic) == (False, False, False)
+    assert (f.trusted_boot, f.fips, f.raw_generic) == (None, False, False)
     assert f.builtin == BuiltinOptions(packages=())
     assert f.squashfs == SquashfsOptions(compression="gzip", block_size="1024k")
 
@@ -131,7 +131,7 @@ def test_full_builtin_flavor_loads_every_option(write_flavor, tmp_path):
     assert f.builtin == BuiltinOptions(packages=("openssh-server", "libc6:arm64"))
     assert f.squashfs == SquashfsOptions(compression="xz", block_size="256k")
     assert f.overlay == (tmp_path / "flavors" / "overlay").resolve() and f.overlay.is_absolute()
-    assert (f.raw_generic, f.fips, f.trusted_boot) == (True, True, False)
+    assert (f.raw_generic, f.fips, f.trusted_boot) == (True, True, None)
 
 
 def test_mmdebstrap_defaults(write_flavor):
@@ -203,7 +203,8 @@ ERROR_CASES = [
                  id="variants-string"),
     pytest.param(doc(arches=[64]), "arches[0]", "must be a string, got a number 64", "arches:",
                  id="arch-number"),
-    pytest.param(doc(trusted_boot="yes"), "trusted_boot", "must be true or false, got a string 'yes'",
+    pytest.param(doc(trusted_boot="yes"), "trusted_boot",
+                 "must be true, false or a mapping (keys, cmdline, enroll), got a string 'yes'",
                  "trusted_boot:", id="trusted-boot-string"),
     pytest.param(doc(builtin=["vim"], **BUILTIN), "builtin", "must be a mapping, got a list", "builtin:",
                  id="builtin-list"),
@@ -277,6 +278,15 @@ ERROR_CASES = [
                  "mmdebstrap arch amd64 cannot serve arches arm64", "base_image:", id="mmdebstrap-arch-vs-arches"),
     pytest.param(doc(trusted_boot=True, arches=["arm64"], devices=["generic", "rpi4"]), "trusted_boot",
                  "trusted boot is only supported for generic devices", "trusted_boot:", id="trusted-boot-rpi"),
+    pytest.param(doc(trusted_boot={"enroll": "if-safe"}), "trusted_boot.enroll",
+                 "unknown secure-boot-enroll value 'if-safe' (allowed: off, manual, force)", "trusted_boot:",
+                 id="trusted-boot-enroll"),
+    pytest.param(doc(trusted_boot={"key": "k"}), "trusted_boot.key", "unknown key (allowed: keys, cmdline, enroll)",
+                 "trusted_boot:", id="trusted-boot-unknown-key"),
+    pytest.param(doc(trusted_boot={"keys": "no-such-keys"}), "trusted_boot.keys",
+                 "directory 'no-such-keys' does not exist", "trusted_boot:", id="trusted-boot-keys-missing"),
+    pytest.param(doc(artifacts=["uki"]), "artifacts", "uki needs trusted_boot: {keys: DIR} with Secure Boot keys",
+                 "artifacts:", id="uki-without-keys"),
     pytest.param(doc(variants=["core", "standard"], k3s_versions=["v1.28.2+k3s1"], **BUILTIN), "variants",
                  "the builtin converter does not install k3s", "variants:", id="builtin-standard"),
     pytest.param(doc(builder="mkosi"), "builder", "unknown builder 'mkosi' (allowed: native, auroraboot)",
@@ -335,7 +345,7 @@ def test_all_problems_of_one_file_are_reported(write_flavor):
     assert f"{path}:{line_of(text, 'colour')}: colour: unknown key" in "\n".join(problems)
     assert any(" version: invalid value '3.1'" in p for p in problems)
     assert f"{path}: registry: missing required key" in problems
-    assert any(" trusted_boot: must be true or false" in p for p in problems)
+    assert any(" trusted_boot: must be true, false or a mapping" in p for p in problems)
     assert len(problems) == 4, problems
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tasks import config, graph, naming
-from tasks.model import SignOptions
+from tasks.model import SignOptions, TrustedBoot
 from tasks.graph import Context
 from tasks.kinds import (ARTIFACT_KINDS, BLOB_SIGNATURE_SUFFIXES, CHECKSUM_SUFFIX, KINDS, PROGRAMS, PROVENANCE,
                          REGISTRY)
@@ -20,7 +20,8 @@ PATHS = Paths(Path("/state"), Path("/out"))
 @pytest.fixture
 def ctx(make_build):
     """Two builds that between them get every kind: amd64 generic and arm64 rpi4."""
-    every = dict(artifacts=ARTIFACT_KINDS, netboot_url="http://10.0.2.2:8080", sign=SignOptions(keyless=True))
+    every = dict(artifacts=ARTIFACT_KINDS, netboot_url="http://10.0.2.2:8080", sign=SignOptions(keyless=True),
+                 trusted_boot=TrustedBoot(keys=Path("/keys")))
     builds = (make_build(**every), make_build(arch="arm64", device="rpi4", flavor="board", **every))
     return Context(root=Path("/r"), paths=PATHS, flavors=tuple(b.flavor for b in builds), builds=builds)
 
@@ -39,8 +40,8 @@ def test_every_kind_has_a_stage_whose_targets_are_the_registry_files(ctx, kind):
         if kind == "sign":
             shas = [p.name for p in PATHS.checksums(b)]
             expected = {b.stem + PROVENANCE} | {sha + s for sha in shas for s in BLOB_SIGNATURE_SUFFIXES}
-            # kernel, initrd, squashfs and: generic iso + 3 iPXE files; rpi4 raw
-            assert len(shas) == {"generic": 7, "rpi4": 4}[b.device]
+            # kernel, initrd, squashfs and: generic iso + 3 iPXE files + the UKI and its ISO; rpi4 raw
+            assert len(shas) == {"generic": 9, "rpi4": 4}[b.device]
         assert outputs_written(task) == expected, task["name"]
         assert task["doc"] and task["actions"]
 

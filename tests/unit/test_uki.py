@@ -7,13 +7,16 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from tasks import keys
 from tasks.builders import uki
+from tasks.model import UKI_CMDLINE
 from tasks.run import CommandError, UsageError, run
 
 STUB = Path("/usr/lib/systemd/boot/efi") / uki.STUB["amd64"]
@@ -46,6 +49,26 @@ def test_parse_layout():
 ])
 def test_section_vmas(layout, sizes, expected):
     assert uki.section_vmas(layout, sizes) == expected
+
+
+def test_pe_checksum_matches_the_stubs_own():
+    """objcopy/the linker wrote the stub's CheckSum; ours gives the same number."""
+    data = STUB.read_bytes()
+    (pe,) = struct.unpack_from("<I", data, 0x3C)
+    at = pe + 24 + 64
+    assert uki.pe_checksum(data, at) == struct.unpack_from("<I", data, at)[0] != 0
+
+
+def test_assembled_at_other_times_is_the_same(tmp_path):
+    """objcopy stamps the current time (and a checksum over it); assemble replaces both."""
+    files = _sections(tmp_path)
+    a, b = tmp_path / "a.efi", tmp_path / "b.efi"
+    uki.assemble(STUB, files, a, EPOCH)
+    time.sleep(1.1)
+    uki.assemble(STUB, files, b, EPOCH)
+    assert a.read_bytes() == b.read_bytes()
+    out = run(["objdump", "-p", str(a)], capture=True)
+    assert "Time/Date\t\tTue Nov 14 22:13:20 2023" in out
 
 
 def test_argv_builders():
@@ -137,7 +160,7 @@ def keyset(tmp_path_factory) -> Path:
 
 
 def _sections(tmp_path: Path) -> dict[str, Path]:
-    content = {".osrel": b'ID=debian\n', ".cmdline": uki.CMDLINE.encode(), ".uname": b"6.1.0-test",
+    content = {".osrel": b'ID=debian\n', ".cmdline": UKI_CMDLINE.encode(), ".uname": b"6.1.0-test",
                ".initrd": os.urandom(1 << 16), ".linux": os.urandom(1 << 17)}
     files = {}
     for name, data in content.items():
