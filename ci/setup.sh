@@ -43,7 +43,7 @@ fi
 
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import doit, docker, yaml, pytest, hypothesis, cryptography' 2>/dev/null \
-    || ! command -v syft >/dev/null || ! command -v trivy >/dev/null; then
+    || ! command -v syft >/dev/null || ! command -v trivy >/dev/null || ! command -v virt-fw-vars >/dev/null; then
   log "installing Python packages (pyproject.toml [test,tools]: doit, docker, syft, trivy, ...)"
   "$PY" -m pip install -q --disable-pip-version-check -e '.[test,tools]'
 fi

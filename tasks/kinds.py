@@ -74,6 +74,7 @@ PROGRAMS: dict[str, Program] = {
     "cpio": Program("Debian package cpio", ("cpio", "--version")),
     "zstd": Program("Debian package zstd"),
     "faketime": Program("Debian package faketime"),
+    "virt-fw-vars": Program("PyPI package virt-firmware (pyproject.toml [tools])"),
 }
 
 
@@ -143,7 +144,7 @@ class Kind:
 
 
 BOOT_FILES = ("kernel", "initrd", "squashfs")  # what the native ISO, raw and iPXE builders are made of
-BOOTABLE = ("iso", "raw", "ipxe")              # what the boot stage boots
+BOOTABLE = ("iso", "raw", "ipxe", "uki")       # what the boot stage boots
 RUN_AURORABOOT = "run the AuroraBoot container (builder: auroraboot)"
 
 REGISTRY: tuple[Kind, ...] = (
@@ -206,7 +207,9 @@ REGISTRY: tuple[Kind, ...] = (
          needs=(Need("qemu-system-x86_64", "boot amd64 artifacts in an emulator", lambda b: b.arch == "amd64"),
                 Need("qemu-system-aarch64", "boot arm64 artifacts in an emulator", lambda b: b.arch == "arm64"),
                 Need("sfdisk", "find the boot partition of a Raspberry Pi image", board),
-                Need("mcopy", "read the kernel, initrd and command line of a Raspberry Pi image", board))),
+                Need("mcopy", "read the kernel, initrd and command line of a Raspberry Pi image", board),
+                Need("virt-fw-vars", "enrol the Secure Boot keys into the firmware variables (uki)",
+                     lambda b: "uki" in b.kinds))),
     Kind("sbom", "Write <stem>-sbom.spdx.json and -sbom.syft.json of the image (syft).",
          stage="sbom", suffixes=(SBOM_SPDX, "-sbom.syft.json"),
          needs=(Need("syft", "write the SBOMs"),)),

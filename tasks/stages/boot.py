@@ -80,6 +80,8 @@ def plan(b: Build) -> list[Step]:
             steps.append(Step("raw", ".img", "uefi"))
         else:
             steps.append(Step("raw", ".img", "uefi", skip=f"booting generic {b.arch} raw images is not supported yet"))
+    if "uki" in b.kinds:  # the owner's keys enrolled, Secure Boot on: only what db signed may start
+        steps.append(Step("uki", "-uki.iso", "secureboot"))
     if "ipxe" in b.kinds:
         skip = None if netboot_port(b.flavor.netboot_url) else \
             (f"netboot_url {b.flavor.netboot_url} is not http://{QEMU_HOST}:PORT, qemu's address of this machine: "
@@ -88,9 +90,14 @@ def plan(b: Build) -> list[Step]:
     return steps
 
 
-def login_markers(b: Build) -> tuple[str, str]:
-    """The serial lines of a successful boot (pure): this build's /etc/issue line, then the prompt."""
-    return f"Kairos {b.stem} ({qemu.SERIAL[b.arch]})", qemu.LOGIN
+UKI_MEMORY = 4096  # MiB at least for a UKI: its initrd is the whole root file system, unpacked into RAM
+
+
+def login_markers(b: Build, step: Step | None = None) -> tuple[str, ...]:
+    """The serial lines of a successful boot (pure): this build's /etc/issue line, then the prompt;
+    under Secure Boot also the kernel's word that the firmware enforced it."""
+    markers = (f"Kairos {b.stem} ({qemu.SERIAL[b.arch]})", qemu.LOGIN)
+    return (qemu.SECURE_BOOT_ON, *markers) if step is not None and step.how == "secureboot" else markers
 
 
 def inputs(paths: Paths, b: Build) -> list[Path]:
@@ -146,13 +153,20 @@ def serving(directory: Path, port: int):
 def argv_for(paths: Paths, b: Build, step: Step, log: Path, work: Path) -> list[str]:
     memory = b.flavor.boot.memory
     artifact = paths.artifact(b, step.suffix)
-    media = {"cdrom": artifact} if step.kind in ("iso", "ipxe") else {"disk": artifact}
+    media = {"cdrom": artifact} if step.kind in ("iso", "ipxe", "uki") else {"disk": artifact}
     if step.how == "virt":
         kernel, initrd, cmdline = rpi_boot_files(artifact, work)
         return qemu.virt_arm64_argv(log, kernel, initrd, qemu.serial_cmdline(cmdline, b.arch), disk=artifact,
                                     memory=memory)
     if b.arch == "arm64":
         return qemu.uefi_arm64_argv(log, qemu.fresh_vars(work, qemu.AAVMF_VARS), memory=memory, **media)
+    if step.how == "secureboot":
+        keys = b.flavor.trusted_boot.keys
+        enrolled = work / "OVMF_VARS.enrolled.fd"
+        run(qemu.enrol_argv(enrolled, (keys / "GUID.txt").read_text().strip(), keys / "PK.crt", keys / "KEK.crt",
+                            keys / "db.crt"), what="enrol the Secure Boot keys into OVMF's variables")
+        return qemu.x86_argv(log, accel=qemu.accelerator(b.arch), memory=max(memory, UKI_MEMORY), uefi_vars=enrolled,
+                             secure_boot=True, **media)
     uefi = qemu.fresh_vars(work) if step.how == "uefi" else None
     return qemu.x86_argv(log, accel=qemu.accelerator(b.arch), memory=memory, uefi_vars=uefi,
                          net=step.how == "netboot", **media)
@@ -165,9 +179,9 @@ def boot_one(paths: Paths, b: Build, step: Step, work: Path) -> qemu.Boot:
         f"{b.flavor.boot.timeout}s for the login prompt")
     if step.how == "netboot":
         with serving(paths.version_dir(b.flavor.version), netboot_port(b.flavor.netboot_url)):
-            result = qemu.boot(argv, log, login_markers(b), b.flavor.boot.timeout)
+            result = qemu.boot(argv, log, login_markers(b, step), b.flavor.boot.timeout)
     else:
-        result = qemu.boot(argv, log, login_markers(b), b.flavor.boot.timeout)
+        result = qemu.boot(argv, log, login_markers(b, step), b.flavor.boot.timeout)
     say(f"    {step.name}: {'login prompt' if result.passed else 'NO login prompt'} after {result.seconds:.0f}s")
     return result
 

@@ -33,9 +33,11 @@ FAILURES = ("Kernel panic", "Entering emergency mode", "emergency shell", "(init
 STOPPED = ("KVM internal error",)
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")    # Debian package ovmf
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+OVMF_SECBOOT_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")  # needs SMM: q35,smm=on
 AAVMF_CODE = Path("/usr/share/AAVMF/AAVMF_CODE.fd")    # Debian package qemu-efi-aarch64
 AAVMF_VARS = Path("/usr/share/AAVMF/AAVMF_VARS.fd")
-FIRMWARE_PACKAGES = {OVMF_CODE: "ovmf", AAVMF_CODE: "qemu-efi-aarch64"}
+FIRMWARE_PACKAGES = {OVMF_CODE: "ovmf", OVMF_SECBOOT_CODE: "ovmf", AAVMF_CODE: "qemu-efi-aarch64"}
+SECURE_BOOT_ON = "Secure boot enabled"    # the kernel's line when the firmware enforced Secure Boot
 SERIAL = {"amd64": "ttyS0", "arm64": "ttyAMA0"}  # the emulated machines' serial consoles
 POLL_SECONDS = 1.0
 ACCEL_ENV = "KAIROS_BOOT_ACCEL"
@@ -63,13 +65,17 @@ def _common(accel: str, memory: int, log: Path) -> list[str]:
 
 def x86_argv(log: Path, *, accel: str = "tcg", memory: int = 2048, cdrom: Path | None = None,
              disk: Path | None = None, uefi_vars: Path | None = None, ovmf_code: Path = OVMF_CODE,
-             net: bool = False) -> list[str]:
+             net: bool = False, secure_boot: bool = False) -> list[str]:
     """qemu-system-x86_64 booting a CD-ROM or a raw disk (pure); BIOS unless ``uefi_vars`` (a
-    writable copy of OVMF's VARS) is given. Disks are opened with snapshot=on: a boot never
-    writes into the artifact."""
+    writable copy of OVMF's VARS) is given; ``secure_boot``: OVMF's Secure Boot build, which
+    needs SMM (q35) and a flash that only SMM code may write. Disks are opened with
+    snapshot=on: a boot never writes into the artifact."""
     argv = ["qemu-system-x86_64", *_common(accel, memory, log)]
     if accel == "kvm":
         argv += ["-cpu", "host"]
+    if secure_boot:
+        argv += ["-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on"]
+        ovmf_code = OVMF_SECBOOT_CODE
     if uefi_vars is not None:
         argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={ovmf_code}",
                  "-drive", f"if=pflash,format=raw,unit=1,file={uefi_vars}"]
@@ -126,6 +132,13 @@ def fresh_vars(workdir: Path, template: Path = OVMF_VARS) -> Path:
     copy = Path(workdir) / template.name
     shutil.copyfile(template, copy)
     return copy
+
+
+def enrol_argv(out: Path, guid: str, pk: Path, kek: Path, db: Path, template: Path = OVMF_VARS) -> list[str]:
+    """virt-fw-vars writing a copy of OVMF's VARS with PK, KEK and db enrolled and Secure Boot
+    on (pure): the state of a machine whose owner has enrolled these keys."""
+    return ["virt-fw-vars", "--input", str(template), "--output", str(out), "--set-pk", guid, str(pk),
+            "--add-kek", guid, str(kek), "--add-db", guid, str(db), "--secure-boot"]
 
 
 # --- the accelerator -----------------------------------------------------------------------

@@ -1,9 +1,13 @@
 """The boot stage's pure parts: what boots how, markers, netboot URLs, matrix rule, config."""
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
-from tasks.model import BootOptions
+from pathlib import Path
+
+from tasks.model import BootOptions, TrustedBoot
 from tasks.stages import boot
 from tasks.stages.manifest import release_notes
 
@@ -20,6 +24,8 @@ URL = "http://10.0.2.2:8080"
      [("ipxe", "netboot", "netboot_url https://boot.example.com/kairos is not http://10.0.2.2:PORT, qemu's "
        "address of this machine: the netboot files are served elsewhere")]),
     (dict(artifacts=("iso", "boot"), arch="arm64"), [("iso", "uefi", None)]),      # AAVMF: arm64 ISOs are EFI only
+    (dict(artifacts=("iso", "uki", "boot"), trusted_boot=TrustedBoot(keys=Path("/k"))),
+     [("iso", "bios", None), ("iso", "uefi", None), ("uki", "secureboot", None)]),
     (dict(artifacts=("iso", "boot"), arch="arm64", boot=BootOptions(firmware=("bios",))), [("iso", "uefi", None)]),
 ])
 def test_plan(make_build, fields, steps):
@@ -63,6 +69,28 @@ def test_arm64_iso_boots_from_a_scsi_cdrom_under_aavmf(make_build, tmp_path):
     assert f"if=pflash,format=raw,unit=1,file={tmp_path / 'AAVMF_VARS.fd'}" in argv
     assert (tmp_path / "AAVMF_VARS.fd").read_bytes() == qemu.AAVMF_VARS.read_bytes()  # a fresh copy per boot
     assert f"if=none,id=cd0,media=cdrom,readonly=on,format=raw,file={paths.artifact(b, '.iso')}" in argv
+
+
+def test_secure_boot_markers_and_argv(make_build, tmp_path):
+    """The -uki.iso boots with the flavor's keys enrolled and Secure Boot on; the kernel must say so."""
+    from tasks.keys import generate
+    from tasks.state import Paths
+    from tasks.tools import qemu
+    keys = tmp_path / "keys"
+    generate(keys)
+    b = make_build(artifacts=("uki", "boot"), trusted_boot=TrustedBoot(keys=keys))
+    (step,) = boot.plan(b)
+    assert boot.login_markers(b, step) == ("Secure boot enabled", f"Kairos {b.stem} (ttyS0)", "login:")
+    argv = boot.argv_for(Paths(tmp_path / "s", tmp_path / "o"), b, step, tmp_path / "serial.log", tmp_path)
+    assert argv[argv.index("-machine") + 1] == "q35,smm=on"
+    assert "driver=cfi.pflash01,property=secure,value=on" in argv
+    assert f"if=pflash,format=raw,unit=0,readonly=on,file={qemu.OVMF_SECBOOT_CODE}" in argv
+    assert argv[argv.index("-m") + 1] == "4096" and argv[argv.index("-cdrom") + 1].endswith("-uki.iso")
+    # the variables really hold the keys: virt-fw-vars prints the enrolled certificates
+    listing = subprocess.run(["virt-fw-vars", "-i", str(tmp_path / "OVMF_VARS.enrolled.fd"), "--print", "-v"],
+                             capture_output=True, text=True, check=True).stdout
+    assert all(f"subject CN=Kairos {var}" in listing for var in ("PK", "KEK", "db"))
+    assert "SecureBootEnable    : bool: ON" in listing
 
 
 def test_key_changes_with_the_options(make_build):
