@@ -90,7 +90,7 @@ def test_secure_boot_markers_and_argv(make_build, tmp_path):
     listing = subprocess.run(["virt-fw-vars", "-i", str(tmp_path / "OVMF_VARS.enrolled.fd"), "--print", "-v"],
                              capture_output=True, text=True, check=True).stdout
     assert all(f"subject CN=Kairos {var}" in listing for var in ("PK", "KEK", "db"))
-    assert "SecureBootEnable    : bool: ON" in listing
+    assert "name=SecureBootEnable guid=guid:EfiSecureBootEnableDisable size=1\n  bool: ON" in listing
 
 
 def test_key_changes_with_the_options(make_build):
