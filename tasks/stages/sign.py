@@ -11,7 +11,9 @@ The key password is read from the environment variable the flavor names
 
 verify (run on demand: `doit verify`): every artifact against its .sha256, every
 blob signature, the image signature and its attestations; KAIROS_VERIFY_KEY
-overrides the public key (to check that another key fails).
+overrides the public key (to check that another key fails). Builds with the `uki`
+artifact also get their EFI binaries checked against the trusted_boot keys' db.crt
+(sbverify; see stages/uki.py), with or without cosign signing.
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ from ..graph import Context, action, task
 from ..kinds import CHECKSUM_SUFFIX, PROVENANCE, SBOM_SPDX
 from ..matrix import Build
 from ..run import CommandError, KairosError, UsageError, run, say
-from ..state import Paths, atomic_path, read_digest, sha256_file, signature_files, write_text_atomic
-from . import convert
+from ..state import Paths, atomic_path, read_digest, scratch_dir, sha256_file, signature_files, write_text_atomic
+from . import convert, uki
 
 STAGE_VERSION = 1
 PROVENANCE_TYPE = "slsaprovenance1"
@@ -171,6 +173,21 @@ def sign(paths: Paths, b: Build) -> None:
 
 def verify(paths: Paths, b: Build) -> None:
     """Check everything; report every failure (one line each) at once."""
+    problems = []
+    if "uki" in b.kinds:  # Secure Boot signatures of the UKI files, against the flavor's db.crt
+        with scratch_dir(paths.tmp_dir(), f"{b.stem}-verify") as work:
+            problems += uki.problems(paths, b, work)
+    if "sign" in b.kinds:
+        problems += cosign_problems(paths, b)
+    if problems:
+        who = f"{public_key(b.flavor) or 'the keyless identity'}" if "sign" in b.kinds else \
+            f"{b.flavor.trusted_boot.keys / 'db.crt'}"
+        raise KairosError(f"{len(problems)} problem(s) verifying {b.stem} with {who}:\n"
+                          + "\n".join(f"  {p}" for p in problems))
+
+
+def cosign_problems(paths: Paths, b: Build) -> list[str]:
+    """Checksums, blob signatures, the image signature and attestations of a signed build."""
     f = b.flavor
     if not paths.signed(b).exists():
         raise KairosError(f"{b.stem} has not been signed yet: run `python3 -m doit sign:{b.stem}` first")
@@ -202,11 +219,10 @@ def verify(paths: Paths, b: Build) -> None:
             run(argv, what=what)
         except CommandError:
             problems.append(f"{what} does not verify")
-    if problems:
-        raise KairosError(f"{len(problems)} problem(s) verifying {b.stem} with "
-                          f"{public_key(f) or 'the keyless identity'}:\n" + "\n".join(f"  {p}" for p in problems))
-    say(f"    verified {b.stem}: {len(paths.checksums(b))} checksum(s) and blob signature(s), "
-        f"image signature, {len(checks) - 1} attestation(s)")
+    if not problems:
+        say(f"    verified {b.stem}: {len(paths.checksums(b))} checksum(s) and blob signature(s), "
+            f"image signature, {len(checks) - 1} attestation(s)")
+    return problems
 
 
 def tasks(ctx: Context, kind: str):
@@ -229,7 +245,7 @@ def tasks(ctx: Context, kind: str):
 
 def verify_tasks(ctx: Context):
     for b in ctx.builds:
-        if "sign" not in b.kinds:
+        if "sign" not in b.kinds and "uki" not in b.kinds:
             continue
         # no dependency on sign: verifying must never re-sign what changed
         yield task(b.stem, f"verify checksums, blob signatures, image signature and attestations of {b.stem}",

@@ -25,7 +25,7 @@ from ..builders import native_raw, uki
 from ..graph import Context, action, task
 from ..matrix import Build
 from ..model import SECURE_BOOT_FILES
-from ..run import UsageError, say
+from ..run import CommandError, UsageError, run, say
 from ..state import Paths, atomic_path, scratch_dir, write_checksum
 from .base import source_date_epoch
 from .extract import exported_rootfs
@@ -135,6 +135,41 @@ def build(paths: Paths, b: Build, efi_out: Path, iso_out: Path) -> None:
             uki.build_iso(tmp, esp, work / "iso", native_raw.ids(b.stem)["vfat"], epoch)
         write_checksum(iso_out)
         say(f"    {iso_out.name}: {iso_out.stat().st_size} bytes (EFI only, secure-boot-enroll {tb.enroll})")
+
+
+def problems(paths: Paths, b: Build, work: Path) -> list[str]:
+    """What is wrong with ``b``'s UKI files (for `doit verify`), one line each: every EFI binary
+    (the UKI, and the ISO's boot loader and UKI) must verify against the keys' db.crt, and the
+    UKI's .cmdline must be the flavor's."""
+    tb = b.flavor.trusted_boot
+    cert = tb.keys / "db.crt"
+    efi_out, iso_out = paths.outputs_of(b, "uki")
+    found: list[str] = []
+    binaries = [(efi_out.name, efi_out)]
+    if iso_out.is_file():
+        esp = work / uki.ESP_NAME
+        try:
+            run(["xorriso", "-osirrox", "on", "-indev", str(iso_out), "-extract", "/" + uki.ESP_NAME, str(esp)],
+                what=f"read the ESP of {iso_out.name}")
+            for rel in uki.esp_files(b.stem, efi_out, efi_out, efi_out, efi_out, tb.keys, b.arch):
+                if rel.upper().endswith(".EFI"):
+                    dest = work / rel.replace("/", "_")
+                    run(["mcopy", "-n", "-i", str(esp), f"::/{rel}", str(dest)], env={"MTOOLS_SKIP_CHECK": "1"},
+                        what=f"read {rel} from {iso_out.name}")
+                    binaries.append((f"{iso_out.name}:/{rel}", dest))
+        except CommandError:
+            found.append(f"{iso_out.name}: cannot read its ESP")
+    for name, path in binaries:
+        if not path.is_file():
+            found.append(f"{name}: missing")
+            continue
+        try:
+            run(uki.sbverify_argv(cert, path), what=f"sbverify {name}")
+        except CommandError:
+            found.append(f"{name}: not signed by {cert}")
+    if efi_out.is_file() and uki.read_sections(efi_out).get(".cmdline", b"").rstrip(b"\0") != tb.cmdline.encode():
+        found.append(f"{efi_out.name}: .cmdline is not the flavor's trusted_boot.cmdline")
+    return found
 
 
 def tasks(ctx: Context, kind: str):
