@@ -6,8 +6,8 @@ session's bookworm minbase base, as in test_iso_boot, so BuildKit reuses that co
   Secure Boot build with the keys enrolled: the kernel says `Secure boot enabled` and the
   system reaches its login prompt (the whole root file system came from the signed UKI).
 - `doit verify:<stem>` passes; the same check with another key set names every EFI binary.
-- The firmware refuses a UKI changed by one byte and one signed by another key (`Access
-  Denied`/`Security Violation` on the console, no kernel).
+- The firmware refuses a UKI changed by one byte, an unsigned one and one signed by another key
+  (`Access Denied`/`Security Violation` on the console, no kernel).
 - Enrolment: the ISO booted in setup mode (empty key store) enrols PK, KEK and db from
   loader/keys/auto (secure-boot-enroll force) and the next boot with those variables runs
   with Secure Boot enabled.
@@ -149,8 +149,8 @@ def _enrolled(keys: Path, work: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("change", ["one-byte", "other-key"])
-def test_the_firmware_refuses_a_changed_or_foreign_uki(uki_ws, built, tmp_path, change):
+@pytest.mark.parametrize("change", ["one-byte", "unsigned", "other-key"])
+def test_the_firmware_refuses_a_changed_unsigned_or_foreign_uki(uki_ws, built, tmp_path, change):
     ws, b, keys = uki_ws
     efi, _ = outputs(ws, b)
     bad = tmp_path / "bad.efi"
@@ -160,13 +160,18 @@ def test_the_firmware_refuses_a_changed_or_foreign_uki(uki_ws, built, tmp_path, 
         data[at] ^= 0x20
         bad.write_bytes(data)
     else:
-        rogue = tmp_path / "rogue"
-        keyset.generate(rogue, "Rogue")
-        unsigned = tmp_path / "unsigned.efi"
-        shutil.copyfile(efi, unsigned)
-        subprocess.run(["sbattach", "--remove", str(unsigned)], check=True, capture_output=True)
-        subprocess.run(["sbsign", "--key", str(rogue / "db.key"), "--cert", str(rogue / "db.crt"),
-                        "--output", str(bad), str(unsigned)], check=True, capture_output=True)
+        shutil.copyfile(efi, bad)
+        subprocess.run(["sbattach", "--remove", str(bad)], check=True, capture_output=True)
+        if change == "other-key":
+            rogue = tmp_path / "rogue"
+            keyset.generate(rogue, "Rogue")
+            unsigned = tmp_path / "unsigned.efi"
+            bad.rename(unsigned)
+            subprocess.run(["sbsign", "--key", str(rogue / "db.key"), "--cert", str(rogue / "db.crt"),
+                            "--output", str(bad), str(unsigned)], check=True, capture_output=True)
+        else:
+            assert subprocess.run(["sbverify", "--list", str(bad)], capture_output=True,
+                                  text=True).stdout.count("signature") == 0
     iso = _iso_with(ws, b, keys, tmp_path, bad)
     result = _secure_boot(iso, _enrolled(keys, tmp_path), tmp_path, ("Linux version",), 240)
     print(f"{change}: {result.tail(8)}")
