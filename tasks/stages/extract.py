@@ -132,17 +132,15 @@ def exported_rootfs(paths: Paths, b: Build, purpose: str):
     rootfs = partial_name(base)
     clean_partials(base)
     rootfs.mkdir(parents=True)
+    container = docker.extract_container(image, container_owner(paths, b, purpose))
     try:
-        container = docker.extract_container(image, container_owner(paths, b, purpose))
-        try:
-            say(f"    exporting the root filesystem of {b.image}")
-            run(["tar", "-x", "--numeric-owner", "-p", "-C", str(rootfs), "-f", "-"],
-                feed=container.export(chunk_size=1 << 20), what=f"unpack {b.image}")
-        finally:
-            container.remove(force=True)
+        say(f"    exporting the root filesystem of {b.image}")
+        run(["tar", "-x", "--numeric-owner", "-p", "-C", str(rootfs), "-f", "-"],
+            feed=container.export(chunk_size=1 << 20), what=f"unpack {b.image}")
         (rootfs / ".dockerenv").unlink(missing_ok=True)
         yield rootfs
-    finally:
+    finally:  # a killed run leaves the container; the next extract_container of this owner removes it
+        container.remove(force=True)
         shutil.rmtree(rootfs, ignore_errors=True)
 
 
