@@ -6,6 +6,8 @@ What boots how (`plan()`; the flavor's `boot: {timeout, firmware, memory}`):
 - `<stem>.iso` (amd64): from CD-ROM under each of `boot.firmware` (`bios`: SeaBIOS, `uefi`: OVMF);
 - `<stem>.iso` (arm64): from a virtio-scsi CD-ROM on qemu's `virt` machine under AAVMF (UEFI only);
 - `<stem>.img`, generic amd64: as a virtio disk under OVMF;
+- `<stem>-uki.iso`: under OVMF's Secure Boot build (q35 with SMM) with the flavor's PK, KEK and
+  db enrolled (virt-fw-vars); the kernel must also print `Secure boot enabled`; 4 GiB at least;
 - `<stem>.img`, rpi3/rpi4: qemu's `virt` machine has no Raspberry Pi firmware, so the kernel,
   initrd and `cmdline.txt` are read from the image's own boot partition (console moved to
   virt's serial port) and the image is the disk: the root comes from its COS_STATE partition;
