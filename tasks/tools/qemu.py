@@ -28,7 +28,8 @@ from ..run import UsageError, require_tool, say
 LOGIN = "login:"
 # serial output after which no login prompt will come: stop waiting at once
 FAILURES = ("Kernel panic", "Entering emergency mode", "emergency shell", "(initramfs)", "Could not boot",
-            "dracut: FATAL", "reboot: System halted", "reboot: Power down")
+            "dracut: FATAL", "reboot: System halted", "reboot: Power down",
+            "Access Denied", "Security Violation")  # the last two: Secure Boot refused the binary
 # qemu stopped the guest: nothing more will come on the serial console
 STOPPED = ("KVM internal error",)
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")    # Debian package ovmf
