@@ -191,10 +191,16 @@ def entry_conf(title: str, name: str) -> str:
     return f"title {title}\nsort-key {name}\nefi /EFI/kairos/{name}.efi\n"
 
 
+def esp_binaries(name: str, arch: str = "amd64") -> tuple[str, str]:
+    """FAT paths of the ESP's signed EFI binaries (pure): the boot loader, then the UKI."""
+    return f"EFI/BOOT/{BOOTLOADER[arch][1]}", f"EFI/kairos/{name}.efi"
+
+
 def esp_files(name: str, uki: Path, bootloader: Path, loader: Path, entry: Path, keys: Path,
               arch: str = "amd64") -> dict[str, Path]:
     """FAT path -> source file of the ESP (pure)."""
-    files = {f"EFI/BOOT/{BOOTLOADER[arch][1]}": bootloader, f"EFI/kairos/{name}.efi": uki,
+    boot_path, uki_path = esp_binaries(name, arch)
+    files = {boot_path: bootloader, uki_path: uki,
              "loader/loader.conf": loader, f"loader/entries/{name}.conf": entry}
     files.update({f"loader/keys/auto/{auth}": keys / auth for auth in AUTH_FILES})
     return files

@@ -151,12 +151,11 @@ def problems(paths: Paths, b: Build, work: Path) -> list[str]:
         try:
             run(["xorriso", "-osirrox", "on", "-indev", str(iso_out), "-extract", "/" + uki.ESP_NAME, str(esp)],
                 what=f"read the ESP of {iso_out.name}")
-            for rel in uki.esp_files(b.stem, efi_out, efi_out, efi_out, efi_out, tb.keys, b.arch):
-                if rel.upper().endswith(".EFI"):
-                    dest = work / rel.replace("/", "_")
-                    run(["mcopy", "-n", "-i", str(esp), f"::/{rel}", str(dest)], env={"MTOOLS_SKIP_CHECK": "1"},
-                        what=f"read {rel} from {iso_out.name}")
-                    binaries.append((f"{iso_out.name}:/{rel}", dest))
+            for rel in uki.esp_binaries(b.stem, b.arch):
+                dest = work / rel.replace("/", "_")
+                run(["mcopy", "-n", "-i", str(esp), f"::/{rel}", str(dest)], env={"MTOOLS_SKIP_CHECK": "1"},
+                    what=f"read {rel} from {iso_out.name}")
+                binaries.append((f"{iso_out.name}:/{rel}", dest))
         except CommandError:
             found.append(f"{iso_out.name}: cannot read its ESP")
     for name, path in binaries:
