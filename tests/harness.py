@@ -144,6 +144,22 @@ MANIFEST_TYPES = ", ".join(["application/vnd.docker.distribution.manifest.v2+jso
                             "application/vnd.oci.image.index.v1+json"])
 
 
+def step_layers(image: str) -> dict[str, str]:
+    """Dockerfile steps of a pushed image (as `buildkit_steps` names them) -> the diff id of the
+    layer each made, read from the image's config in the registry."""
+    repo, _, tag = image.split("/", 1)[1].rpartition(":")
+    manifest, _ = _registry_json("GET", f"http://{REGISTRY}/v2/{repo}/manifests/{tag}", MANIFEST_TYPES)
+    config, _ = _registry_json("GET", f"http://{REGISTRY}/v2/{repo}/blobs/{manifest['config']['digest']}")
+    layers = iter(config["rootfs"]["diff_ids"])
+    steps = {}
+    for entry in config["history"]:
+        if entry.get("empty_layer"):
+            continue
+        step = re.sub(r" # buildkit$", "", entry.get("created_by", "")).replace("RUN /bin/sh -c ", "RUN ", 1)
+        steps[step] = next(layers)
+    return steps
+
+
 def drop_namespace(client, namespace: str) -> None:
     """Remove what a test session left: its images in the engine and its manifests in the
     registry (blobs go at the registry's next garbage collection, which ci/setup.sh runs)."""
