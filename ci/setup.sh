@@ -16,7 +16,7 @@ die() { echo "setup: error: $*" >&2; exit 1; }
 APT_PACKAGES=(docker.io docker-registry mmdebstrap arch-test squashfs-tools tar curl ca-certificates
   grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools dosfstools e2fsprogs fdisk ipxe
   qemu-system-x86 qemu-system-arm qemu-efi-aarch64 ovmf qemu-user-static binfmt-support zstd shellcheck git socat efitools sbsigntool
-  systemd-boot-efi binutils cpio faketime)
+  systemd-boot-efi binutils cpio faketime swtpm libtss2-esys-3.0.2-0 libtss2-mu0 libtss2-rc0)
 docker_ok() {
   if [ -n "${DOCKER_HOST:-}" ]; then
     /usr/bin/docker info >/dev/null 2>&1
@@ -40,6 +40,28 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# systemd-measure >= 253 signs the UKIs' PCR policies without a TPM; bookworm's systemd is 252.
+# systemd from bookworm-backports is unpacked (not installed: the host's systemd stays) and run
+# through a wrapper with its own libsystemd-shared.
+MEASURE_DIR=/opt/kairos/systemd-backports
+measure_ok() { /usr/local/bin/systemd-measure --version 2>/dev/null | grep -Eq '^systemd (25[3-9]|2[6-9][0-9])'; }
+if ! measure_ok; then
+  log "systemd-measure: unpacking systemd from bookworm-backports into $MEASURE_DIR"
+  echo "deb http://deb.debian.org/debian bookworm-backports main" >/etc/apt/sources.list.d/kairos-bookworm-backports.list
+  apt-get update -qq
+  work=$(mktemp -d) && chmod 755 "$work"   # apt downloads as _apt
+  (cd "$work" && apt-get download -qq systemd/bookworm-backports libsystemd-shared/bookworm-backports)
+  rm -rf "$MEASURE_DIR.new" && mkdir -p "$MEASURE_DIR.new"
+  for deb in "$work"/*.deb; do dpkg-deb -x "$deb" "$MEASURE_DIR.new"; done
+  rm -rf "$work" "$MEASURE_DIR" && mv "$MEASURE_DIR.new" "$MEASURE_DIR"
+  shared=$(dirname "$(find "$MEASURE_DIR" -name 'libsystemd-shared-*.so' | head -n 1)")
+  printf '#!/bin/sh\n# systemd-measure of bookworm-backports (ci/setup.sh)\nLD_LIBRARY_PATH=%s exec %s "$@"\n' \
+    "$shared" "$MEASURE_DIR/lib/systemd/systemd-measure" >/usr/local/bin/systemd-measure
+  chmod 755 /usr/local/bin/systemd-measure
+  measure_ok || die "systemd-measure from bookworm-backports does not run: $(/usr/local/bin/systemd-measure --version 2>&1 | head -n 3)"
+fi
+log "systemd-measure: $(/usr/local/bin/systemd-measure --version | head -n 1)"
 
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import doit, docker, yaml, pytest, hypothesis, cryptography' 2>/dev/null \

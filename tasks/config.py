@@ -299,6 +299,8 @@ TRUSTED_BOOT: dict[str, Check] = {
     "keys": _DIR,
     "cmdline": _text(re.compile(r"^\S.*$"), "a kernel command line"),
     "enroll": _choice(ENROLL, "secure-boot-enroll value"),
+    "pcr_phases": _list(pattern=re.compile(r"^[a-z][a-z0-9-]*(:[a-z][a-z0-9-]*)*$"),
+                        hint="a boot phase path such as enter-initrd or sysinit:ready"),
 }
 
 
@@ -310,6 +312,10 @@ def _trusted_boot(c: _Checker, mapping: dict, key: str, prefix: str) -> TrustedB
     if not isinstance(value, dict):
         c.problem(prefix + key, f"must be true, false or a mapping ({', '.join(TRUSTED_BOOT)}), "
                   f"got {_type_name(value)} {value!r}", mapping, key)
+        return None
+    if value.get("pcr_phases") == []:
+        c.problem(f"{prefix}{key}.pcr_phases", "must list at least one phase path (leave it out for the "
+                  "converter's default)", value, "pcr_phases")
         return None
     return _section(TrustedBoot, TRUSTED_BOOT)(c, mapping, key, prefix)
 

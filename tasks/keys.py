@@ -5,7 +5,8 @@ PK, KEK and db key pairs (RSA-2048, self-signed X.509), an owner GUID, EFI signa
 lists and the signed variable updates firmware enrols (PK self-signed, KEK signed by
 PK, db signed by KEK). Microsoft's KEK and db certificates, given as files, are
 appended to KEK and db so the firmware keeps trusting Microsoft-signed boot loaders
-and option ROMs; nothing is downloaded.
+and option ROMs; nothing is downloaded. Also, as AuroraBoot's, an RSA key pair that
+signs the UKIs' TPM PCR 11 policies (`tpm2-pcr-private.pem`, `tpm2-pcr-public.pem`).
 
 The pure argv builders below are table-tested; `generate` runs them through `run()` in
 a scratch directory next to a new DIR (inside an existing one) and moves the finished
@@ -44,6 +45,7 @@ KEYS: tuple[Key, ...] = (
 SECRET_SUFFIX = ".key"                          # RSA private keys, mode 0600
 PUBLIC_SUFFIXES = (".crt", ".der", ".esl", ".auth")
 GUID_FILE = "GUID.txt"
+PCR_PRIVATE, PCR_PUBLIC = "tpm2-pcr-private.pem", "tpm2-pcr-public.pem"   # signs the UKIs' PCR 11 policies
 SCRATCH_NAME = "genkey"                         # .genkey.partial-<pid>: the work directory inside an existing DIR
 MICROSOFT = {"KEK": "--microsoft-kek", "db": "--microsoft-db"}  # variable -> option adding Microsoft certs
 MICROSOFT_OWNER = "77fa9abd-0359-4d32-bd60-28f4e78f784b"       # Microsoft's signature owner GUID
@@ -66,11 +68,11 @@ TOOLS = {
 
 def file_names() -> list[str]:
     """Every file of a key set, in the order `generate` moves them into place."""
-    return [GUID_FILE] + [k.var + s for k in KEYS for s in (SECRET_SUFFIX, *PUBLIC_SUFFIXES)]
+    return [GUID_FILE] + [k.var + s for k in KEYS for s in (SECRET_SUFFIX, *PUBLIC_SUFFIXES)] + [PCR_PRIVATE, PCR_PUBLIC]
 
 
 def secret_names() -> list[str]:
-    return [k.var + SECRET_SUFFIX for k in KEYS]
+    return [k.var + SECRET_SUFFIX for k in KEYS] + [PCR_PRIVATE]
 
 
 # --- pure parts: names, argv, timestamps, signature lists ------------------------------
@@ -100,6 +102,16 @@ def req_argv(key: Path, crt: Path, subj: str, days: int = DAYS, bits: int = KEY_
     """A new RSA key (unencrypted) and its self-signed SHA-256 certificate (PEM)."""
     return ["openssl", "req", "-new", "-x509", "-newkey", f"rsa:{bits}", "-nodes", "-sha256",
             "-days", str(days), "-utf8", "-subj", subj, "-keyout", str(key), "-out", str(crt)]
+
+
+def pcr_key_argv(key: Path, bits: int = KEY_BITS) -> list[str]:
+    """The RSA key (PEM, unencrypted) that signs PCR policies (systemd-measure sign --private-key)."""
+    return ["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", f"rsa_keygen_bits:{bits}", "-out", str(key)]
+
+
+def public_key_argv(key: Path, out: Path) -> list[str]:
+    """The public half of ``key`` (PEM SubjectPublicKeyInfo): the UKIs' .pcrpkey."""
+    return ["openssl", "pkey", "-in", str(key), "-pubout", "-out", str(out)]
 
 
 def x509_argv(src: Path, out: Path, inform: str = "PEM", outform: str = "DER") -> list[str]:
@@ -293,6 +305,11 @@ def generate(dir: Path, name: str = DEFAULT_NAME, microsoft_kek: Sequence[Path] 
                 run(sign_esl_argv(k.var, guid, timestamp, out / f"{k.signer}{SECRET_SUFFIX}",
                                   out / f"{k.signer}.crt", esl, out / f"{k.var}.auth"),
                     what=f"sign {k.var}.auth with {k.signer}")
+            say(f"genkey: {PCR_PRIVATE}: RSA-{KEY_BITS} key signing the UKIs' TPM PCR 11 policies, "
+                f"public half {PCR_PUBLIC}")
+            run(pcr_key_argv(out / PCR_PRIVATE), what="generate the PCR policy key")
+            os.chmod(out / PCR_PRIVATE, SECRET_MODE)
+            run(public_key_argv(out / PCR_PRIVATE, out / PCR_PUBLIC), what=f"write {PCR_PUBLIC}")
             for n in file_names():
                 os.chmod(out / n, SECRET_MODE if n in secret_names() else PUBLIC_MODE)
                 _fsync(out / n)

@@ -85,6 +85,12 @@ UKI_CMDLINE = ("console=ttyS0 console=tty1 net.ifnames=1 rd.immucore.oemlabel=CO
                "rd.immucore.uki selinux=0 panic=5 rd.shell=0 systemd.crash_reboot=yes")
 ENROLL = ("off", "manual", "force")
 SECURE_BOOT_FILES = ("db.key", "db.crt", "PK.auth", "KEK.auth", "db.auth")  # what a uki build needs of the keys
+# the PCR 11 phase paths a UKI's policy is signed for when the flavor names none, by converter:
+# kairos-init images pass an initrd phase (immucore), systemd-measure's default; builtin UKIs run
+# systemd straight from the initrd's root file system, which passes sysinit and ready only
+PCR_PHASES = {"kairos-init": ("enter-initrd", "enter-initrd:leave-initrd", "enter-initrd:leave-initrd:sysinit",
+                              "enter-initrd:leave-initrd:sysinit:ready"),
+              "builtin": ("sysinit", "sysinit:ready")}
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,10 @@ class TrustedBoot:
     keys: Path | None = None           # the genkey directory: db.key/db.crt sign, *.auth are enrolled
     cmdline: str = UKI_CMDLINE         # the UKI's kernel command line
     enroll: str = "force"              # systemd-boot's secure-boot-enroll on the -uki.iso
+    pcr_phases: tuple[str, ...] = ()   # phase paths of the PCR policy; (): the converter's PCR_PHASES
+
+    def phases(self, converter: str) -> tuple[str, ...]:
+        return self.pcr_phases or PCR_PHASES[converter]
 
 
 @dataclass(frozen=True)

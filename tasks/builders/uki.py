@@ -29,9 +29,20 @@ EFI/BOOT/BOOTX64.EFI (signed), the UKI as EFI/kairos/<name>.efi, loader/loader.c
 loader/entries/<name>.conf and the public enrolment files loader/keys/auto/{PK,KEK,db}.auth.
 Debian bookworm's systemd-boot is 252: its entries name the UKI with `efi` (the `uki` key
 needs 257) and `secure-boot-enroll` takes off, manual or force (`if-safe` needs 253).
+
+Measured boot: systemd-stub extends TPM PCR 11 with the name (NUL-terminated) and then the
+data of each section it knows, in its own order (`MEASURED`, by stub version; never .pcrsig),
+and systemd then extends it with the name of each boot phase it passes (systemd-pcrphase).
+When the key set has a PCR policy key, the UKI also carries `.pcrpkey` (its public half) and
+`.pcrsig` (systemd-measure's JSON: for each phase path, the TPM2 PolicyPCR digest of the
+predicted PCR 11 value, signed), so secrets sealed to that key unseal only under this UKI at
+those phases. `pcr11` and `policy_digest` compute the same values in Python, for `verify`.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -45,6 +56,7 @@ from ..run import UsageError, run
 from .native_raw import MIB, make_fat
 
 SECTIONS = (".osrel", ".cmdline", ".uname", ".initrd", ".linux")   # in file order, as ukify writes them
+PCR_SECTIONS = (".pcrpkey", ".pcrsig")                              # before .initrd when there is a PCR policy
 EFI_DIR = "usr/lib/systemd/boot/efi"                # Debian systemd-boot-efi, in the image or on the host
 STUB = {"amd64": "linuxx64.efi.stub"}
 BOOTLOADER = {"amd64": ("systemd-bootx64.efi", "BOOTX64.EFI")}
@@ -53,6 +65,12 @@ INIT_CANDIDATES = ("usr/bin/immucore", "sbin/init", "lib/systemd/systemd")
 EMPTY_DIRS = ("proc", "sys", "dev", "run", "tmp", "oem", "efi", "usr/local/cloud-config")
 ZSTD_LEVEL = 15
 ISO_VOLUME = "UKI_ISO_INSTALL"
+PCR, PCR_BANK = 11, "sha256"
+TPM2_CC_POLICY_PCR, TPM2_ALG_SHA256 = 0x17F, 0x000B
+# sections systemd-stub measures into PCR 11, in its order, by the stub's systemd version (from)
+MEASURED = ((252, (".linux", ".osrel", ".cmdline", ".initrd", ".splash", ".dtb", ".pcrpkey")),
+            (253, (".linux", ".osrel", ".cmdline", ".initrd", ".splash", ".dtb", ".uname", ".sbat", ".pcrpkey")))
+MEASURE_MIN = 253      # systemd-measure signs without a TPM from this version on
 ESP_NAME = "efiboot.img"
 
 
@@ -147,6 +165,92 @@ def read_sections(path: Path) -> dict[str, bytes]:
         name, vsize, _, raw_size, raw_ptr = struct.unpack_from("<8sIIII", data, table + 40 * i)
         out[name.rstrip(b"\0").decode()] = data[raw_ptr:raw_ptr + min(vsize, raw_size)]
     return out
+
+
+# --- measured boot: PCR 11 and its signed policy ---------------------------------------------------
+
+def stub_version(data: bytes) -> int:
+    """The systemd version of an EFI stub, from its `LoaderInfo: systemd-stub N` marker (pure)."""
+    m = re.search(rb"#### LoaderInfo: systemd-stub (\d+)", data)
+    if not m:
+        raise UsageError("the EFI stub has no `LoaderInfo: systemd-stub` marker: is it systemd's linuxx64.efi.stub?")
+    return int(m[1])
+
+
+def measured_sections(version: int) -> tuple[str, ...]:
+    """What a stub of systemd ``version`` measures, in order (pure)."""
+    known = [names for since, names in MEASURED if version >= since]
+    if not known:
+        raise UsageError(f"systemd-stub {version} does not measure its sections (that needs {MEASURED[0][0]})")
+    return known[-1]
+
+
+def _extend(value: bytes, data: bytes) -> bytes:
+    return hashlib.sha256(value + hashlib.sha256(data).digest()).digest()
+
+
+def pcr11(sections: list[tuple[str, bytes]], phase_path: str = "") -> bytes:
+    """PCR 11 (sha256 bank) after a stub measured ``sections`` (name, data; measured ones, in the
+    stub's order) and systemd passed the phases of ``phase_path`` (`sysinit:ready`) (pure)."""
+    value = bytes(32)
+    for name, data in sections:
+        value = _extend(_extend(value, name.encode() + b"\0"), data)
+    for word in phase_path.split(":") if phase_path else ():
+        value = _extend(value, word.encode())
+    return value
+
+
+def policy_digest(pcr_value: bytes, pcr: int = PCR) -> bytes:
+    """The TPM2 policy digest of PolicyPCR(sha256 bank, ``pcr`` = ``pcr_value``) from an empty
+    policy (pure): what `.pcrsig` signs as `pol`."""
+    select = bytearray(3)
+    select[pcr // 8] |= 1 << (pcr % 8)
+    selection = struct.pack(">IHB", 1, TPM2_ALG_SHA256, len(select)) + bytes(select)
+    return hashlib.sha256(bytes(32) + struct.pack(">I", TPM2_CC_POLICY_PCR) + selection
+                          + hashlib.sha256(pcr_value).digest()).digest()
+
+
+def measure_sign_argv(measure: str, files: dict[str, Path], measured: tuple[str, ...], phases: tuple[str, ...],
+                      key: Path, public: Path) -> list[str]:
+    """systemd-measure signing the PCR 11 policies of ``phases`` for the UKI of ``files`` (pure):
+    only the sections the stub measures, so the prediction is what the stub extends."""
+    argv = [measure, "sign", f"--bank={PCR_BANK}", f"--private-key={key}", f"--public-key={public}", "--json=short"]
+    argv += [f"--phase={p}" for p in phases]
+    return argv + [f"--{name[1:]}={files[name]}" for name in measured if name in files]
+
+
+def verify_policy_argv(public: Path, policy: Path, signature: Path) -> list[str]:
+    """openssl checking ``signature`` (RSA PKCS#1 v1.5, sha256) of the policy digest in ``policy``
+    by ``public`` (pure): what TPM2_PolicyAuthorize checks, with an empty policyRef."""
+    return ["openssl", "dgst", "-sha256", "-verify", str(public), "-signature", str(signature), str(policy)]
+
+
+def pcrsig_entries(data: bytes) -> list[dict]:
+    """The sha256-bank entries of a `.pcrsig` section (pure); an unreadable one is a UsageError."""
+    try:
+        doc = json.loads(data.rstrip(b"\0"))
+        entries = doc[PCR_BANK]
+        for e in entries:
+            bytes.fromhex(e["pol"]), base64.b64decode(e["sig"], validate=True), e["pcrs"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f".pcrsig is not systemd-measure's JSON with a {PCR_BANK} bank ({exc})") from None
+    return entries
+
+
+def pcr_problems(sections: dict[str, bytes], phases: tuple[str, ...], version: int) -> list[str]:
+    """What is wrong with the PCR policy of a UKI's ``sections`` (pure): `.pcrsig` must hold one
+    PCR 11 policy per phase path, each the policy of the value computed from the sections the
+    stub of systemd ``version`` measures. (The signatures are checked with openssl by the caller.)"""
+    if ".pcrsig" not in sections or ".pcrpkey" not in sections:
+        return ["no .pcrsig/.pcrpkey sections (no PCR policy)"]
+    measured = [(n, sections[n]) for n in measured_sections(version) if n in sections]
+    try:
+        entries = pcrsig_entries(sections[".pcrsig"])
+    except UsageError as exc:
+        return [str(exc)]
+    got = {e["pol"] for e in entries if e["pcrs"] == [PCR]}
+    return [f".pcrsig has no signed policy for phase {p or '(none)'}" for p in phases
+            if policy_digest(pcr11(measured, p)).hex() not in got]
 
 
 # --- the root file system in the initrd ----------------------------------------------------------
@@ -255,14 +359,53 @@ def make_initrd(root: Path, out: Path, epoch: int, work: Path) -> None:
     archive.unlink()
 
 
+def file_order(files: dict[str, Path]) -> list[str]:
+    """The sections of a UKI in file order (pure): SECTIONS, with the PCR ones before .initrd."""
+    pcr = [s for s in PCR_SECTIONS if s in files]
+    at = SECTIONS.index(".initrd")
+    return [*SECTIONS[:at], *pcr, *SECTIONS[at:]]
+
+
 def assemble(stub: Path, files: dict[str, Path], out: Path, epoch: int) -> None:
-    """The unsigned UKI at ``out``: ``files`` maps each of SECTIONS to its content."""
+    """The unsigned UKI at ``out``: ``files`` maps each of SECTIONS (and PCR_SECTIONS, when
+    there is a PCR policy) to its content."""
     missing = [s for s in SECTIONS if s not in files]
     if missing:
         raise UsageError(f"UKI sections missing: {', '.join(missing)}")
-    vmas = section_vmas(stub_layout(stub), [(s, files[s].stat().st_size) for s in SECTIONS])
+    order = file_order(files)
+    vmas = section_vmas(stub_layout(stub), [(s, files[s].stat().st_size) for s in order])
     run(objcopy_argv(stub, out, [(name, files[name], vma) for name, vma in vmas]), what="objcopy the UKI")
     stamp_pe_time(out, epoch)
+
+
+def measure_tool() -> str:
+    """A systemd-measure that signs without a TPM (>= MEASURE_MIN): on PATH, else systemd's own."""
+    found = []
+    for cand in (shutil.which("systemd-measure"), "/usr/lib/systemd/systemd-measure", "/lib/systemd/systemd-measure"):
+        if not cand or not os.access(cand, os.X_OK):
+            continue
+        m = re.match(r"systemd (\d+)", run([cand, "--version"], capture=True, what=f"{cand} --version"))
+        if m and int(m[1]) >= MEASURE_MIN:
+            return cand
+        found.append(f"{cand} ({m[0] if m else 'unknown version'})")
+    raise UsageError(f"signing the UKI's PCR policy needs systemd-measure >= {MEASURE_MIN}"
+                     f"{' (found ' + ', '.join(found) + ')' if found else ''}: Debian bookworm has 252; "
+                     "`bash ci/setup.sh` installs 254 from bookworm-backports as /usr/local/bin/systemd-measure. "
+                     "Or build without a PCR policy: remove tpm2-pcr-private.pem from the keys")
+
+
+def sign_pcr_policy(stub: Path, files: dict[str, Path], phases: tuple[str, ...], key: Path, out: Path) -> None:
+    """``out``: the `.pcrsig` JSON for the UKI of ``files`` (which holds `.pcrpkey` already),
+    signed by ``key`` for each phase path of ``phases``; checked against `pcr11` before use."""
+    measured = measured_sections(stub_version(stub.read_bytes()))
+    text = run(measure_sign_argv(measure_tool(), files, measured, phases, key, files[".pcrpkey"]),
+               capture=True, what="systemd-measure sign the PCR 11 policy")
+    data = text.strip().encode()
+    sections = {name: files[name].read_bytes() for name in measured if name in files}
+    wrong = pcr_problems({**sections, ".pcrsig": data}, phases, stub_version(stub.read_bytes()))
+    if wrong:
+        raise UsageError("systemd-measure's PCR policy does not match the stub's measurements: " + "; ".join(wrong))
+    out.write_bytes(data)
 
 
 def sign(key: Path, cert: Path, src: Path, out: Path, epoch: int) -> None:

@@ -88,18 +88,21 @@ DRACUT_MODULE = {
     "kairos-overlay-dirs.sh": "#!/bin/sh\nmkdir -p /run/overlayfs /run/ovlwork\n",
 }
 DRACUT_MODULE_DIR = "/usr/lib/dracut/modules.d/90kairos-live"
+TPM2_LIBRARIES = ("libtss2-esys-3.0.2-0", "libtss2-mu0", "libtss2-rc0", "libtss2-tcti-device0")  # systemd dlopens them
 
 
 def builtin_packages(b: Build) -> list[str]:
     """Debian packages the builtin converter installs besides the kernel (pure): dracut with
     its live and network modules (network-legacy needs pgrep and dhclient, livenet curl), zstd
     for the initrd, CA certificates for https netboot, systemd as init, the grub modules the
-    native ISO builder takes from generic images of arches the host has no grub for, and the
-    flavor's own."""
+    native ISO builder takes from generic images of arches the host has no grub for, for Trusted
+    Boot the TPM2 libraries systemd loads to measure boot phases into PCR 11 (systemd-pcrphase),
+    and the flavor's own."""
     grub = [native_iso.GRUB_FROM_IMAGE[b.arch]] if b.device == "generic" and b.arch in native_iso.GRUB_FROM_IMAGE \
         else []
+    tpm2 = list(TPM2_LIBRARIES) if b.flavor.trusted_boot else []
     return ["dracut", "dracut-live", "dracut-network", "zstd", "procps", "isc-dhcp-client", "curl", "ca-certificates",
-            "systemd-sysv", *grub, *b.flavor.builtin.packages]
+            "systemd-sysv", *grub, *tpm2, *b.flavor.builtin.packages]
 
 
 # overlay paths the initrd is made of (dracut and modprobe configuration, dracut modules, kernel

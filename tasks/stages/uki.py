@@ -4,7 +4,10 @@
   (the image's own when it ships systemd-boot-efi, else the host's, Debian systemd-boot-efi),
   the image's os-release, `trusted_boot.cmdline`, the kernel release, the image's whole root
   file system as the initrd, and its kernel; signed with the keys' db key (sbsign) and
-  checked with sbverify against db.crt.
+  checked with sbverify against db.crt. When the keys hold a PCR policy key
+  (`tpm2-pcr-private.pem`, written by genkey), also `.pcrpkey` and `.pcrsig`: PCR 11
+  policies signed with systemd-measure for `trusted_boot.pcr_phases` (default by converter,
+  model.PCR_PHASES).
 - `<stem>-uki.iso`: an EFI-only ISO whose ESP holds systemd-boot (signed by the same key) as
   EFI/BOOT/BOOTX64.EFI, the UKI as EFI/kairos/<stem>.efi, its loader entry, loader.conf with
   `secure-boot-enroll <trusted_boot.enroll>`, and the public enrolment files PK/KEK/db.auth
@@ -15,12 +18,14 @@ files or the options change. Times are fixed by SOURCE_DATE_EPOCH (the bootstrap
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+from .. import keys as keyset
 from ..builders import native_raw, uki
 from ..graph import Context, action, task
 from ..matrix import Build
@@ -75,8 +80,14 @@ def efi_file(root: Path, name: str) -> Path:
     return host
 
 
+def pcr_key(b: Build) -> Path | None:
+    """The key set's PCR policy key, if it has one: then the UKI carries a signed PCR policy."""
+    path = b.flavor.trusted_boot.keys / keyset.PCR_PRIVATE
+    return path if path.is_file() else None
+
+
 def key_files(b: Build) -> list[Path]:
-    return [b.flavor.trusted_boot.keys / name for name in SECURE_BOOT_FILES]
+    return [b.flavor.trusted_boot.keys / name for name in SECURE_BOOT_FILES] + ([pcr_key(b)] if pcr_key(b) else [])
 
 
 def host_efi_digest() -> str:
@@ -90,7 +101,8 @@ def host_efi_digest() -> str:
 
 def key(b: Build) -> str:
     tb = b.flavor.trusted_boot
-    return json.dumps({"cmdline": tb.cmdline, "enroll": tb.enroll, "sections": uki.SECTIONS,
+    pcr = {"phases": tb.phases(b.flavor.converter), "measured": uki.MEASURED} if pcr_key(b) else None
+    return json.dumps({"cmdline": tb.cmdline, "enroll": tb.enroll, "sections": uki.SECTIONS, "pcr": pcr,
                        "zstd": uki.zstd_argv(), "cpio": uki.cpio_argv(), "epoch": source_date_epoch(),
                        "host_efi": host_efi_digest(), "stage": STAGE_VERSION}, sort_keys=True)
 
@@ -120,6 +132,12 @@ def build(paths: Paths, b: Build, efi_out: Path, iso_out: Path) -> None:
             uki.make_initrd(root, files[".initrd"], epoch, work)
         files[".cmdline"].write_text(tb.cmdline)
         say(f"    UKI: kernel {release}, initrd {files['.initrd'].stat().st_size} bytes, cmdline: {tb.cmdline}")
+        if pcr_key(b):
+            phases = tb.phases(b.flavor.converter)
+            files[".pcrpkey"], files[".pcrsig"] = work / "pcrpkey", work / "pcrsig"
+            run(keyset.public_key_argv(pcr_key(b), files[".pcrpkey"]), what=f"read the public half of {keyset.PCR_PRIVATE}")
+            say(f"    PCR 11 policy (systemd-measure, {uki.PCR_BANK}) for phases {', '.join(phases)}")
+            uki.sign_pcr_policy(stub, files, phases, pcr_key(b), files[".pcrsig"])
         unsigned = work / "unsigned.efi"
         uki.assemble(stub, files, unsigned, epoch)
         with atomic_path(efi_out) as tmp:
@@ -166,8 +184,39 @@ def problems(paths: Paths, b: Build, work: Path) -> list[str]:
             run(uki.sbverify_argv(cert, path), what=f"sbverify {name}")
         except CommandError:
             found.append(f"{name}: not signed by {cert}")
-    if efi_out.is_file() and uki.read_sections(efi_out).get(".cmdline", b"").rstrip(b"\0") != tb.cmdline.encode():
+    if not efi_out.is_file():
+        return found
+    sections = uki.read_sections(efi_out)
+    if sections.get(".cmdline", b"").rstrip(b"\0") != tb.cmdline.encode():
         found.append(f"{efi_out.name}: .cmdline is not the flavor's trusted_boot.cmdline")
+    if pcr_key(b):
+        found += [f"{efi_out.name}: {p}" for p in pcr_policy_problems(b, sections, work)]
+    return found
+
+
+def pcr_policy_problems(b: Build, sections: dict[str, bytes], work: Path) -> list[str]:
+    """The PCR policy of a UKI's ``sections``: `.pcrpkey` is the public half of the keys'
+    PCR key, `.pcrsig` holds a policy per phase path for what the UKI's stub measures, and each
+    policy's signature verifies with that key (openssl)."""
+    public = work / "pcr-public.pem"
+    run(keyset.public_key_argv(pcr_key(b), public), what=f"read the public half of {keyset.PCR_PRIVATE}")
+    if sections.get(".pcrpkey", b"").rstrip(b"\0") != public.read_bytes():
+        return [f".pcrpkey is not the public half of {pcr_key(b)}"]
+    try:
+        version = uki.stub_version(sections.get(".sdmagic", b""))   # the stub's own marker section
+    except UsageError as exc:
+        return [str(exc)]
+    found = uki.pcr_problems(sections, b.flavor.trusted_boot.phases(b.flavor.converter), version)
+    if found:
+        return found
+    for i, entry in enumerate(uki.pcrsig_entries(sections[".pcrsig"])):
+        pol, sig = work / f"pol{i}", work / f"sig{i}"
+        pol.write_bytes(bytes.fromhex(entry["pol"]))
+        sig.write_bytes(base64.b64decode(entry["sig"]))
+        try:
+            run(uki.verify_policy_argv(public, pol, sig), what="openssl verify a PCR policy signature")
+        except CommandError:
+            found.append(f".pcrsig: the signature of policy {entry['pol'][:16]}... does not verify with .pcrpkey")
     return found
 
 

@@ -51,8 +51,9 @@ def test_file_names_and_secrets():
         "GUID.txt",
         "PK.key", "PK.crt", "PK.der", "PK.esl", "PK.auth",
         "KEK.key", "KEK.crt", "KEK.der", "KEK.esl", "KEK.auth",
-        "db.key", "db.crt", "db.der", "db.esl", "db.auth"]
-    assert keys.secret_names() == ["PK.key", "KEK.key", "db.key"]
+        "db.key", "db.crt", "db.der", "db.esl", "db.auth",
+        "tpm2-pcr-private.pem", "tpm2-pcr-public.pem"]
+    assert keys.secret_names() == ["PK.key", "KEK.key", "db.key", "tpm2-pcr-private.pem"]
     assert {k.var: k.signer for k in keys.KEYS} == SIGNED_BY
 
 
@@ -247,7 +248,7 @@ def test_every_file_is_written_with_its_mode(keyset):
     assert stat.S_IMODE(keyset.stat().st_mode) == 0o700
     for name in keys.file_names():
         mode = stat.S_IMODE((keyset / name).stat().st_mode)
-        assert mode == (0o600 if name.endswith(".key") else 0o644), name
+        assert mode == (0o600 if name.endswith(".key") or name == "tpm2-pcr-private.pem" else 0o644), name
     assert not [p for p in keyset.parent.iterdir() if p.name != "keys"], "scratch directory left behind"
     guid = (keyset / "GUID.txt").read_text()
     assert guid.endswith("\n") and uuid.UUID(guid.strip()).version == 4
@@ -314,7 +315,7 @@ def test_existing_keys_are_refused_and_force_replaces_them_keeping_the_guid(tmp_
     keys.generate(dest, environ=env)
     (dest / "README").write_text("not a key\n")
     before = snapshot(dest)
-    with pytest.raises(UsageError, match=r"already holds keys \(GUID.txt, PK.key, PK.crt and 13 more\).*--force"):
+    with pytest.raises(UsageError, match=r"already holds keys \(GUID.txt, PK.key, PK.crt and 15 more\).*--force"):
         keys.generate(dest, environ=env)
     assert snapshot(dest) == before
     keys.generate(dest, force=True, environ=env)
@@ -481,3 +482,10 @@ def test_cli_help_says_what_is_secret():
                   "the signed variable updates firmware enrolment uses", "--microsoft-kek FILE", "--force",
                   "SOURCE_DATE_EPOCH", "Everything except the .key files is public"):
         assert words in text, words
+
+
+def test_the_pcr_policy_key_pair_is_rsa_2048(keyset):
+    private = serialization.load_pem_private_key((keyset / "tpm2-pcr-private.pem").read_bytes(), None)
+    public = serialization.load_pem_public_key((keyset / "tpm2-pcr-public.pem").read_bytes())
+    assert isinstance(private, rsa.RSAPrivateKey) and private.key_size == 2048
+    assert public.public_numbers() == private.public_key().public_numbers()

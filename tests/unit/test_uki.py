@@ -213,3 +213,97 @@ def test_uki_iso_holds_the_esp(tmp_path, keyset):
     run(uki.sbverify_argv(keyset / "db.crt", got / "EFI/BOOT/BOOTX64.EFI"))
     assert not any(p.name.endswith(".key") for p in got.rglob("*"))   # no private key on the medium
     shutil.rmtree(got)
+
+
+# --- measured boot: PCR 11 and its signed policy ------------------------------------------------
+
+MEASURE = "/usr/local/bin/systemd-measure"   # bookworm-backports' 254 (ci/setup.sh)
+
+
+def test_stub_version_and_measured_sections():
+    assert uki.stub_version(STUB.read_bytes()) == 252                 # Debian bookworm's systemd-boot-efi
+    assert uki.stub_version(b"..#### LoaderInfo: systemd-stub 254.26-1~bpo12+1 ####") == 254
+    with pytest.raises(UsageError, match="no `LoaderInfo: systemd-stub` marker"):
+        uki.stub_version(b"MZ whatever")
+    assert ".uname" not in uki.measured_sections(252) and ".pcrsig" not in uki.measured_sections(252)
+    assert uki.measured_sections(254)[-3:] == (".uname", ".sbat", ".pcrpkey")
+    with pytest.raises(UsageError, match="does not measure"):
+        uki.measured_sections(251)
+
+
+def test_file_order_puts_the_pcr_sections_before_the_initrd():
+    assert uki.file_order(dict.fromkeys(uki.SECTIONS)) == list(uki.SECTIONS)
+    assert uki.file_order(dict.fromkeys(uki.SECTIONS + uki.PCR_SECTIONS)) == \
+        [".osrel", ".cmdline", ".uname", ".pcrpkey", ".pcrsig", ".initrd", ".linux"]
+
+
+def test_measure_sign_argv_passes_only_measured_sections(tmp_path):
+    files = {n: tmp_path / n[1:] for n in (*uki.SECTIONS, ".pcrpkey")}
+    argv = uki.measure_sign_argv("sm", files, uki.measured_sections(252), ("sysinit", "sysinit:ready"),
+                                 Path("k.pem"), files[".pcrpkey"])
+    assert argv[:6] == ["sm", "sign", "--bank=sha256", "--private-key=k.pem",
+                        f"--public-key={files['.pcrpkey']}", "--json=short"]
+    assert argv[6:8] == ["--phase=sysinit", "--phase=sysinit:ready"]
+    assert [a.split("=")[0] for a in argv[8:]] == ["--linux", "--osrel", "--cmdline", "--initrd", "--pcrpkey"]
+
+
+@pytest.mark.parametrize("version, phases", [
+    (252, ("sysinit", "sysinit:ready")),
+    (254, ("enter-initrd", "enter-initrd:leave-initrd:sysinit:ready")),
+])
+def test_pcr11_is_what_systemd_measure_calculates(tmp_path, keyset, version, phases):
+    """Our PCR 11 arithmetic (for verify) against the real systemd-measure, for a stub that does
+    and one that does not measure .uname."""
+    files = _sections(tmp_path)
+    files[".pcrpkey"] = tmp_path / "pcrpkey"
+    run(keys.public_key_argv(keyset / keys.PCR_PRIVATE, files[".pcrpkey"]))
+    measured = uki.measured_sections(version)
+    argv = [MEASURE, "calculate", "--bank=sha256", *[f"--phase={p}" for p in phases],
+            *[f"--{n[1:]}={files[n]}" for n in measured if n in files]]
+    lines = [l for l in run(argv, capture=True).splitlines() if l.startswith("11:sha256=")]
+    ours = [uki.pcr11([(n, files[n].read_bytes()) for n in measured if n in files], p).hex() for p in phases]
+    assert [l.split("=", 1)[1] for l in lines] == ours
+
+
+def test_signed_pcr_policy_verifies_and_a_changed_section_does_not(tmp_path, keyset):
+    """sign_pcr_policy (real systemd-measure) gives one policy per phase, each our PolicyPCR digest
+    of our PCR 11 value, signed so that openssl verifies it with .pcrpkey; after one changed byte
+    of the kernel the policies no longer match."""
+    files = _sections(tmp_path)
+    files[".pcrpkey"], files[".pcrsig"] = tmp_path / "pcrpkey", tmp_path / "pcrsig"
+    run(keys.public_key_argv(keyset / keys.PCR_PRIVATE, files[".pcrpkey"]))
+    phases = ("sysinit", "sysinit:ready")
+    uki.sign_pcr_policy(STUB, files, phases, keyset / keys.PCR_PRIVATE, files[".pcrsig"])
+    again = tmp_path / "again"
+    uki.sign_pcr_policy(STUB, files, phases, keyset / keys.PCR_PRIVATE, again)
+    assert again.read_bytes() == files[".pcrsig"].read_bytes()          # RSA PKCS#1 v1.5: deterministic
+    sections = {n: p.read_bytes() for n, p in files.items()}
+    assert uki.pcr_problems(sections, phases, 252) == []
+    entries = uki.pcrsig_entries(sections[".pcrsig"])
+    assert len(entries) == 2 and all(e["pcrs"] == [11] for e in entries)
+    for i, e in enumerate(entries):
+        (tmp_path / f"pol{i}").write_bytes(bytes.fromhex(e["pol"]))
+        (tmp_path / f"sig{i}").write_bytes(__import__("base64").b64decode(e["sig"]))
+        run(uki.verify_policy_argv(files[".pcrpkey"], tmp_path / f"pol{i}", tmp_path / f"sig{i}"))
+    (tmp_path / "pol0").write_bytes(bytes(32))
+    with pytest.raises(CommandError):
+        run(uki.verify_policy_argv(files[".pcrpkey"], tmp_path / "pol0", tmp_path / "sig0"), what="verify")
+    changed = dict(sections, **{".linux": b"\x01" + sections[".linux"][1:]})
+    assert uki.pcr_problems(changed, phases, 252) == [
+        ".pcrsig has no signed policy for phase sysinit", ".pcrsig has no signed policy for phase sysinit:ready"]
+    assert uki.pcr_problems(sections, ("enter-initrd",), 252) == [".pcrsig has no signed policy for phase enter-initrd"]
+    assert uki.pcr_problems({".linux": b""}, phases, 252) == ["no .pcrsig/.pcrpkey sections (no PCR policy)"]
+
+
+def test_a_uki_with_a_pcr_policy_keeps_it_through_objcopy_and_sbsign(tmp_path, keyset):
+    files = _sections(tmp_path)
+    files[".pcrpkey"], files[".pcrsig"] = tmp_path / "pcrpkey", tmp_path / "pcrsig"
+    run(keys.public_key_argv(keyset / keys.PCR_PRIVATE, files[".pcrpkey"]))
+    uki.sign_pcr_policy(STUB, files, ("sysinit",), keyset / keys.PCR_PRIVATE, files[".pcrsig"])
+    unsigned, signed = tmp_path / "u.efi", tmp_path / "s.efi"
+    uki.assemble(STUB, files, unsigned, EPOCH)
+    uki.sign(keyset / "db.key", keyset / "db.crt", unsigned, signed, EPOCH)
+    sections = uki.read_sections(signed)
+    assert list(sections)[-7:] == uki.file_order(files)
+    assert uki.stub_version(sections[".sdmagic"]) == 252
+    assert uki.pcr_problems(sections, ("sysinit",), 252) == []
