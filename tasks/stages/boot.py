@@ -7,7 +7,8 @@ What boots how (`plan()`; the flavor's `boot: {timeout, firmware, memory}`):
 - `<stem>.iso` (arm64): from a virtio-scsi CD-ROM on qemu's `virt` machine under AAVMF (UEFI only);
 - `<stem>.img`, generic amd64: as a virtio disk under OVMF;
 - `<stem>-uki.iso`: under OVMF's Secure Boot build (q35 with SMM) with the flavor's PK, KEK and
-  db enrolled (virt-fw-vars); the kernel must also print `Secure boot enabled`; 4 GiB at least;
+  db enrolled (virt-fw-vars) and a fresh software TPM 2.0 (swtpm), into whose PCR 11 the
+  stub and systemd measure; the kernel must also print `Secure boot enabled`; 4 GiB at least;
 - `<stem>.img`, rpi3/rpi4: qemu's `virt` machine has no Raspberry Pi firmware, so the kernel,
   initrd and `cmdline.txt` are read from the image's own boot partition (console moved to
   virt's serial port) and the image is the disk: the root comes from its COS_STATE partition;
@@ -93,6 +94,7 @@ def plan(b: Build) -> list[Step]:
 
 
 UKI_MEMORY = 4096  # MiB at least for a UKI: its initrd is the whole root file system, unpacked into RAM
+TPM_SOCKET = "swtpm.sock"  # in the boot's work directory
 
 
 def login_markers(b: Build, step: Step | None = None) -> tuple[str, ...]:
@@ -168,7 +170,7 @@ def argv_for(paths: Paths, b: Build, step: Step, log: Path, work: Path) -> list[
         run(qemu.enrol_argv(enrolled, (keys / "GUID.txt").read_text().strip(), keys / "PK.crt", keys / "KEK.crt",
                             keys / "db.crt"), what="enrol the Secure Boot keys into OVMF's variables")
         return qemu.x86_argv(log, accel=qemu.accelerator(b.arch), memory=max(memory, UKI_MEMORY), uefi_vars=enrolled,
-                             secure_boot=True, **media)
+                             secure_boot=True, tpm=work / TPM_SOCKET, **media)
     uefi = qemu.fresh_vars(work) if step.how == "uefi" else None
     return qemu.x86_argv(log, accel=qemu.accelerator(b.arch), memory=memory, uefi_vars=uefi,
                          net=step.how == "netboot", **media)
@@ -181,6 +183,9 @@ def boot_one(paths: Paths, b: Build, step: Step, work: Path) -> qemu.Boot:
         f"{b.flavor.boot.timeout}s for the login prompt")
     if step.how == "netboot":
         with serving(paths.version_dir(b.flavor.version), netboot_port(b.flavor.netboot_url)):
+            result = qemu.boot(argv, log, login_markers(b, step), b.flavor.boot.timeout)
+    elif step.how == "secureboot":
+        with qemu.software_tpm(work / TPM_SOCKET):
             result = qemu.boot(argv, log, login_markers(b, step), b.flavor.boot.timeout)
     else:
         result = qemu.boot(argv, log, login_markers(b, step), b.flavor.boot.timeout)

@@ -13,6 +13,7 @@ overrides the probe.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -66,10 +67,11 @@ def _common(accel: str, memory: int, log: Path) -> list[str]:
 
 def x86_argv(log: Path, *, accel: str = "tcg", memory: int = 2048, cdrom: Path | None = None,
              disk: Path | None = None, uefi_vars: Path | None = None, ovmf_code: Path = OVMF_CODE,
-             net: bool = False, secure_boot: bool = False) -> list[str]:
+             net: bool = False, secure_boot: bool = False, tpm: Path | None = None) -> list[str]:
     """qemu-system-x86_64 booting a CD-ROM or a raw disk (pure); BIOS unless ``uefi_vars`` (a
     writable copy of OVMF's VARS) is given; ``secure_boot``: OVMF's Secure Boot build, which
-    needs SMM (q35) and a flash that only SMM code may write. Disks are opened with
+    needs SMM (q35) and a flash that only SMM code may write; ``tpm``: the control socket of a
+    software TPM 2.0 (`software_tpm`) as the machine's TIS TPM. Disks are opened with
     snapshot=on: a boot never writes into the artifact."""
     argv = ["qemu-system-x86_64", *_common(accel, memory, log)]
     if accel == "kvm":
@@ -84,8 +86,43 @@ def x86_argv(log: Path, *, accel: str = "tcg", memory: int = 2048, cdrom: Path |
         argv += ["-cdrom", str(cdrom), "-boot", "d"]
     if disk is not None:
         argv += ["-drive", f"file={disk},format=raw,if=virtio,snapshot=on"]
+    if tpm is not None:
+        argv += ["-chardev", f"socket,id=chrtpm,path={tpm}", "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+                 "-device", "tpm-tis,tpmdev=tpm0"]
     argv += ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"] if net else ["-nic", "none"]
     return argv
+
+
+def swtpm_argv(state: Path, socket: Path) -> list[str]:
+    """swtpm as a TPM 2.0 for one qemu (pure): state in ``state``, control on the unix socket
+    ``socket``, gone when qemu disconnects."""
+    return ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}", "--ctrl", f"type=unixio,path={socket}",
+            "--terminate"]
+
+
+@contextlib.contextmanager
+def software_tpm(socket: Path, wait: float = 10.0):
+    """A fresh software TPM (swtpm, Debian package swtpm) for one boot, controlled through
+    ``socket`` (for `x86_argv(tpm=socket)`), its state in a new directory beside it; always
+    stopped afterwards."""
+    require_tool("swtpm", "give the Secure Boot machine a TPM 2.0 (Debian package swtpm)")
+    socket = Path(socket)
+    state, log = socket.with_name(socket.name + ".state"), socket.with_name(socket.name + ".log")
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir(parents=True)
+    socket.unlink(missing_ok=True)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(swtpm_argv(state, socket), stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + wait
+        while not socket.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not socket.exists():
+            raise UsageError(f"swtpm did not start: {_read(log).strip()[-500:] or 'no output'}")
+        yield socket
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
 
 
 def _virt(log: Path, memory: int) -> list[str]:

@@ -3,6 +3,7 @@ qemu (short runs; the boots themselves are in tests/integration)."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,12 @@ LOG = Path("/w/serial.log")
      ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={qemu.OVMF_CODE}",
       "-drive", "if=pflash,format=raw,unit=1,file=/w/V.fd", "-drive", "file=/o/x.img,format=raw,if=virtio,snapshot=on",
       "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"]),
+    (dict(cdrom=Path("/o/u.iso"), uefi_vars=Path("/w/E.fd"), secure_boot=True, tpm=Path("/w/swtpm.sock")),
+     ["-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on",
+      "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={qemu.OVMF_SECBOOT_CODE}",
+      "-drive", "if=pflash,format=raw,unit=1,file=/w/E.fd", "-cdrom", "/o/u.iso", "-boot", "d",
+      "-chardev", "socket,id=chrtpm,path=/w/swtpm.sock", "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+      "-device", "tpm-tis,tpmdev=tpm0", "-nic", "none"]),
 ])
 def test_x86_argv(kwargs, tail):
     argv = qemu.x86_argv(LOG, **kwargs)
@@ -111,3 +118,16 @@ def test_qemus_own_error_ends_the_serial_log(tmp_path):
     result = qemu.boot([*qemu.x86_argv(log), "-no-such-option"], log, ("login:",), 30)
     assert not result.passed and result.seconds < 30
     assert "[qemu] qemu-system-x86_64: -no-such-option: invalid option" in result.serial
+
+
+def test_software_tpm_runs_swtpm_while_in_use(tmp_path):
+    """A real swtpm: its control socket is there inside the block, and the process is gone after."""
+    socket = tmp_path / "swtpm.sock"
+    assert qemu.swtpm_argv(tmp_path / "st", socket) == [
+        "swtpm", "socket", "--tpm2", "--tpmstate", f"dir={tmp_path / 'st'}", "--ctrl", f"type=unixio,path={socket}",
+        "--terminate"]
+    with qemu.software_tpm(socket):
+        assert socket.is_socket()
+        running = subprocess.run(["pgrep", "-f", f"path={socket}"], capture_output=True, text=True).stdout.split()
+        assert len(running) == 1
+    assert subprocess.run(["pgrep", "-f", f"path={socket}"], capture_output=True).returncode == 1
