@@ -1,10 +1,16 @@
-"""Trusted Boot end to end: keys from `python -m tasks genkey`, a builtin-converter flavor (the
-session's bookworm minbase base, as in test_iso_boot, so BuildKit reuses that conversion) with
-`trusted_boot: {keys}` and `artifacts: [uki, boot]`.
+"""Trusted Boot end to end: keys from `python -m tasks genkey` (with a PCR policy key), a
+builtin-converter flavor (the session's registry base b) with `trusted_boot: {keys}`,
+`artifacts: [uki, boot]` and a test overlay: a unit that prints PCR 11 on the serial console
+once systemd measured its boot phases (`kairos-test-pcr11=<hex>`), before the login prompt.
 
 - `doit boot:<stem>` builds `<stem>-uki.efi` and `<stem>-uki.iso` and boots the ISO under OVMF's
-  Secure Boot build with the keys enrolled: the kernel says `Secure boot enabled` and the
-  system reaches its login prompt (the whole root file system came from the signed UKI).
+  Secure Boot build with the keys enrolled and a software TPM: the kernel says `Secure boot
+  enabled` and the system reaches its login prompt (the whole root file system came from the
+  signed UKI).
+- Measured boot: the PCR 11 the guest read from its TPM is the value computed from the UKI's
+  measured sections and the phases sysinit and ready, and the UKI's `.pcrsig` holds a policy
+  for it whose signature verifies with `.pcrpkey` (`doit verify`).
+- Reproducible: the UKI task run again from scratch gives the same bytes.
 - `doit verify:<stem>` passes; the same check with another key set names every EFI binary.
 - The firmware refuses a UKI changed by one byte, an unsigned one and one signed by another key
   (`Access Denied`/`Security Violation` on the console, no kernel).
@@ -15,6 +21,7 @@ session's bookworm minbase base, as in test_iso_boot, so BuildKit reuses that co
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import subprocess
@@ -39,14 +46,36 @@ REFUSED = ("Access Denied", "Security Violation")
 assert set(REFUSED) <= set(qemu.FAILURES)
 
 
+PCR_MARK = "kairos-test-pcr11="
+PCR_UNIT = f"""[Unit]
+Description=Print PCR 11 on the serial console (test overlay)
+After=systemd-pcrphase.service systemd-pcrphase-sysinit.service
+Before=serial-getty@ttyS0.service
+ConditionPathExists=/sys/class/tpm/tpm0/pcr-sha256/11
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'echo "{PCR_MARK}$(cat /sys/class/tpm/tpm0/pcr-sha256/11)"'
+StandardOutput=tty
+TTYPath=/dev/ttyS0
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
 @pytest.fixture(scope="module")
 def uki_ws(tmp_path_factory, ns, bases):
     root = tmp_path_factory.mktemp("uki")
     ws = Workspace(root=root, ns=ns)
     keys = root / "keys"
     keyset.generate(keys)
+    units = ws.flavors / "overlay-tpm" / "etc" / "systemd" / "system"
+    (units / "multi-user.target.wants").mkdir(parents=True)
+    (units / "kairos-test-pcr11.service").write_text(PCR_UNIT)
+    (units / "multi-user.target.wants" / "kairos-test-pcr11.service").symlink_to("../kairos-test-pcr11.service")
     write_flavor(ws.flavors / "debian-uki.yaml", builtin_doc(
-        "debian", bases["b"], f"{ns}/kairos", ["uki", "boot"], squashfs=LZ4,
+        "debian", bases["b"], f"{ns}/kairos", ["uki", "boot"], squashfs=LZ4, overlay="overlay-tpm",
         trusted_boot={"keys": str(keys)}, boot={"timeout": BOOT_TIMEOUT}))
     (b,) = expand(load_flavors([ws.flavors]))
     return ws, b, keys
@@ -81,11 +110,29 @@ def test_the_signed_uki_boots_under_secure_boot(uki_ws, built):
     assert "OVMF_CODE_4M.secboot.fd" in record["qemu"] and "smm=on" in record["qemu"]
 
 
+def test_the_measured_pcr11_is_the_predicted_and_signed_one(uki_ws, built):
+    ws, b, _ = uki_ws
+    efi, _ = outputs(ws, b)
+    serial = (ws.outputs / "v3.1.0" / f"{b.stem}-boot.log").read_text()
+    lines = [l.strip() for l in serial.splitlines()]
+    print("\n".join(l for l in lines if "pcrphase" in l.lower() or "TPM2 PCR" in l or PCR_MARK in l))
+    (measured,) = [l.split(PCR_MARK, 1)[1].split()[0].lower() for l in lines if PCR_MARK in l]
+    sections = uki.read_sections(efi)
+    version = uki.stub_version(sections[".sdmagic"])
+    phases = b.flavor.trusted_boot.phases(b.flavor.converter)
+    assert phases == ("sysinit", "sysinit:ready")
+    ours = [(n, sections[n]) for n in uki.measured_sections(version) if n in sections]
+    print(f"stub: systemd {version}; PCR 11 read in the guest: {measured}")
+    assert measured == uki.pcr11(ours, "sysinit:ready").hex()
+    assert uki.pcr_problems(sections, phases, version) == []
+
+
 def test_uki_sections_and_iso_layout(uki_ws, built, tmp_path):
     ws, b, keys = uki_ws
     efi, iso = outputs(ws, b)
     sections = uki.read_sections(efi)
-    assert list(sections)[-5:] == list(uki.SECTIONS)
+    assert list(sections)[-7:] == [".osrel", ".cmdline", ".uname", ".pcrpkey", ".pcrsig", ".initrd", ".linux"]
+    assert sections[".pcrpkey"] == (keys / keyset.PCR_PUBLIC).read_bytes()
     assert sections[".cmdline"].rstrip(b"\0").decode() == TrustedBoot().cmdline
     assert b"ID=debian" in sections[".osrel"]
     assert sections[".initrd"][:4] == b"\x28\xb5\x2f\xfd"               # zstd: the whole root file system
@@ -196,3 +243,18 @@ def test_enrolment_from_setup_mode(uki_ws, built, tmp_path):
     second = _secure_boot(iso, vars_fd, tmp_path, (qemu.SECURE_BOOT_ON,), 400)
     print("after enrolment:", next(l for l in second.serial.splitlines() if qemu.SECURE_BOOT_ON in l))
     assert second.passed, second.tail(30)
+
+
+def test_the_uki_task_run_again_gives_the_same_bytes(uki_ws, built):
+    """Last in this module (it rebuilds the files the other tests read): `doit forget` and a new
+    run of the uki task, from the same image and keys, write identical -uki.efi and -uki.iso."""
+    ws, b, _ = uki_ws
+    efi, iso = outputs(ws, b)
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (efi, iso)}
+    assert ws.doit("forget", f"uki:{b.stem}").rc == 0
+    result = ws.doit(f"uki:{b.stem}")
+    assert result.rc == 0, result.err
+    assert f"uki:{b.stem}" in result.executed
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (efi, iso)}
+    print("\n".join(f"{name}: {digest}" for name, digest in after.items()))
+    assert after == before
