@@ -347,8 +347,12 @@ AuroraBoot's genkey, with openssl and efitools. A new DIR is created with mode
   PK.auth KEK.auth db.auth the signed variable updates firmware enrolment uses (systemd-boot
                            secure-boot-enroll, KeyTool, efi-updatevar): PK self-signed, KEK
                            signed by PK, db signed by KEK. Enrol db and KEK first, PK last.
+  tpm2-pcr-private.pem     RSA-2048 key signing the UKIs' TPM PCR 11 policies (systemd-measure),
+                           mode 0600. SECRET, like the .key files.
+  tpm2-pcr-public.pem      its public half: the UKIs' .pcrpkey (systemd-cryptenroll
+                           --tpm2-public-key binds disk keys to it)
 
-Everything except the .key files is public. Without --microsoft-kek/--microsoft-db the
+Everything except the .key files and tpm2-pcr-private.pem is public. Without --microsoft-kek/--microsoft-db the
 firmware trusts only these keys: Windows, and option ROMs signed by Microsoft (GPUs,
 network cards) on many machines, will no longer load. Give Microsoft's certificates,
 each in its own PEM or DER file (nothing is downloaded): for KEK "Microsoft Corporation
