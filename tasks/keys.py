@@ -352,9 +352,9 @@ AuroraBoot's genkey, with openssl and efitools. A new DIR is created with mode
   tpm2-pcr-public.pem      its public half: the UKIs' .pcrpkey (systemd-cryptenroll
                            --tpm2-public-key binds disk keys to it)
 
-Everything except the .key files and tpm2-pcr-private.pem is public. Without --microsoft-kek/--microsoft-db the
-firmware trusts only these keys: Windows, and option ROMs signed by Microsoft (GPUs,
-network cards) on many machines, will no longer load. Give Microsoft's certificates,
+Everything except the .key files and tpm2-pcr-private.pem is public. Without
+--microsoft-kek/--microsoft-db the firmware trusts only these keys: Windows, and option
+ROMs signed by Microsoft (GPUs, network cards) on many machines, will no longer load. Give Microsoft's certificates,
 each in its own PEM or DER file (nothing is downloaded): for KEK "Microsoft Corporation
 KEK CA 2011" and its 2023 successor, for db "Microsoft Windows Production PCA 2011",
 "Microsoft UEFI CA 2011" and their 2023 successors.
