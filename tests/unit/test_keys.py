@@ -480,7 +480,8 @@ def test_cli_help_says_what_is_secret():
     text = " ".join(proc.stdout.split())
     for words in ("PK.key KEK.key db.key", "SECRET: keep them out of git, CI logs",
                   "the signed variable updates firmware enrolment uses", "--microsoft-kek FILE", "--force",
-                  "SOURCE_DATE_EPOCH", "Everything except the .key files is public"):
+                  "SOURCE_DATE_EPOCH", "Everything except the .key files and tpm2-pcr-private.pem is public",
+                  "tpm2-pcr-private.pem RSA-2048 key signing the UKIs' TPM PCR 11 policies"):
         assert words in text, words
 
 
