@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import yaml
 
-from . import k3s
+from .providers import PROVIDERS, next_versions
 from .kinds import ARTIFACT_KINDS
 from .model import (
     ARCHES, BUILDERS, FIRMWARES, BootOptions, CONVERTERS, DEFAULT_AURORABOOT_IMAGE, DEVICES,
@@ -393,11 +393,11 @@ def _k3s_versions(c: _Checker, doc: dict, key: str, prefix: str) -> tuple[str, .
     if not policy["current"] or policy["available"] is None:
         return ()
     try:
-        upstream = k3s.parse_available(policy["available"].read_text())
+        upstream = PROVIDERS["k3s"].parse_available(policy["available"].read_text())
     except (OSError, ValueError) as exc:
         c.problem("k3s_policy.available", f"{policy['available']}: {exc}", spec, "available")
         return None
-    return tuple(str(v) for v in k3s.next_versions([k3s.parse(v) for v in policy["current"]], upstream))
+    return tuple(str(v) for v in next_versions([PROVIDERS["k3s"].parse(v) for v in policy["current"]], upstream))
 
 
 # The sections (mappings) of a flavor file: one check per field of their dataclass.
