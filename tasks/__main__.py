@@ -34,7 +34,7 @@ def build_record(b: Build) -> dict:
         "flavor": b.flavor.flavor,
         "release": b.flavor.release,
         "variant": b.variant,
-        "k3s_version": b.k3s_version,
+        **b.provider_fields,
         "arch": b.arch,
         "device": b.device,
         "version": b.version,
@@ -68,8 +68,9 @@ def render_markdown(builds: list[Build]) -> str:
            "|---|---|---|---|---|---|---|"]
     for flavor_builds in by_flavor.values():
         f = flavor_builds[0].flavor
-        variants = ", ".join(f"standard (k3s {', '.join(f.k3s_versions)})" if v == "standard" else v
-                             for v in f.variants)
+        shipped = "; ".join(f"{name} {', '.join(getattr(f, p.key))}" for name, p in PROVIDERS.items()
+                            if getattr(f, p.key))
+        variants = ", ".join(f"standard ({shipped})" if v == "standard" else v for v in f.variants)
         devices = ", ".join(sorted({f"{b.device} ({b.arch})" if b.device != "generic" else "generic"
                                     for b in flavor_builds}))
         present = {k for b in flavor_builds for k in b.kinds}
