@@ -394,6 +394,13 @@ def _provider_versions(p: Provider) -> Check:
         policy = _values(c, spec, f"{p.policy_key}.", _policy_table(p), {"available": None})
         if policy["current"] is None or ("available" in spec and policy["available"] is None):
             return None  # invalid or missing: reported
+        current = [p.parse(v) for v in policy["current"]]
+        for i, (text, version) in enumerate(zip(policy["current"], current)):
+            if version is None:
+                c.problem(f"{p.policy_key}.current[{i}]", f"{text!r} is a pre-release; the policy starts from "
+                          f"stable releases such as {p.example}", spec, "current")
+        if None in current:
+            return None
         if not policy["current"] or policy["available"] is None:
             return ()
         try:
@@ -401,7 +408,7 @@ def _provider_versions(p: Provider) -> Check:
         except (OSError, ValueError) as exc:
             c.problem(f"{p.policy_key}.available", f"{policy['available']}: {exc}", spec, "available")
             return None
-        return tuple(str(v) for v in next_versions([p.parse(v) for v in policy["current"]], upstream))
+        return tuple(str(v) for v in next_versions(current, upstream))
     return check
 
 

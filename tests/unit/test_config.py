@@ -657,6 +657,14 @@ K0S_HINT = "a k0s release such as v1.34.4+k0s.0, or the word policy (see k0s_pol
     pytest.param(dict(**STANDARD, k0s_versions="policy", k0s_policy={"current": ["v1.34.4"], "available": "k0s.txt"}),
                  "current:", "k0s_policy.current[0]: invalid value 'v1.34.4': a k0s release such as v1.34.4+k0s.0",
                  id="k0s-policy-current-malformed"),
+    pytest.param(dict(**STANDARD, k0s_versions="policy",
+                      k0s_policy={"current": [K0S, "v1.35.0-rc.1+k0s.0"], "available": "k0s.txt"}), "current:",
+                 "k0s_policy.current[1]: 'v1.35.0-rc.1+k0s.0' is a pre-release; the policy starts from stable "
+                 "releases such as v1.34.4+k0s.0", id="k0s-policy-current-pre-release"),
+    pytest.param(dict(**STANDARD, k3s_versions="policy",
+                      k3s_policy={"current": ["v1.29.0-rc1+k3s1"], "available": "k0s.txt"}), "current:",
+                 "k3s_policy.current[0]: 'v1.29.0-rc1+k3s1' is a pre-release; the policy starts from stable "
+                 "releases such as v1.28.2+k3s1", id="k3s-policy-current-pre-release"),
 ])
 def test_provider_problems(write_flavor, changes, at, problem):
     write_flavor("k0s.txt", "v1.34.5+k0s.0\n")
