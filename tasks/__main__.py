@@ -1,11 +1,11 @@
 """`python -m tasks ...`: commands that are not doit tasks.
 
-  plan          print the expanded build matrix: every build's image tag and the file
-                name of every artifact it produces (Kairos naming convention)
+  plan               print the expanded build matrix: every build's image tag and the file
+                     name of every artifact it produces (Kairos naming convention)
   provider-versions  compute the next three k3s or k0s versions of a release (version policy)
-  k3s-versions  the same as `provider-versions k3s`
-  images        list the Docker image references a state directory records (CI helpers)
-  genkey        generate Secure Boot keys (PK, KEK, db) for Trusted Boot images
+  k3s-versions       the same as `provider-versions k3s`
+  images             list the Docker image references a state directory records (CI helpers)
+  genkey             generate Secure Boot keys (PK, KEK, db) for Trusted Boot images
 """
 from __future__ import annotations
 
