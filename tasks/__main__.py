@@ -1,10 +1,11 @@
 """`python -m tasks ...`: commands that are not doit tasks.
 
-  plan          print the expanded build matrix: every build's image tag and the file
-                name of every artifact it produces (Kairos naming convention)
-  k3s-versions  compute the next three k3s versions of a release (version policy)
-  images        list the Docker image references a state directory records (CI helpers)
-  genkey        generate Secure Boot keys (PK, KEK, db) for Trusted Boot images
+  plan               print the expanded build matrix: every build's image tag and the file
+                     name of every artifact it produces (Kairos naming convention)
+  provider-versions  compute the next three k3s or k0s versions of a release (version policy)
+  k3s-versions       the same as `provider-versions k3s`
+  images             list the Docker image references a state directory records (CI helpers)
+  genkey             generate Secure Boot keys (PK, KEK, db) for Trusted Boot images
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from . import k3s, keys, naming
+from . import keys, naming
+from .providers import PROVIDERS, next_versions
 from .config import load_flavors
 from .model import ConfigError
 from .graph import flavor_sources, select_builds
@@ -32,7 +34,7 @@ def build_record(b: Build) -> dict:
         "flavor": b.flavor.flavor,
         "release": b.flavor.release,
         "variant": b.variant,
-        "k3s_version": b.k3s_version,
+        **b.provider_fields,
         "arch": b.arch,
         "device": b.device,
         "version": b.version,
@@ -66,8 +68,9 @@ def render_markdown(builds: list[Build]) -> str:
            "|---|---|---|---|---|---|---|"]
     for flavor_builds in by_flavor.values():
         f = flavor_builds[0].flavor
-        variants = ", ".join(f"standard (k3s {', '.join(f.k3s_versions)})" if v == "standard" else v
-                             for v in f.variants)
+        shipped = "; ".join(f"{name} {', '.join(getattr(f, p.key))}" for name, p in PROVIDERS.items()
+                            if getattr(f, p.key))
+        variants = ", ".join(f"standard ({shipped})" if v == "standard" else v for v in f.variants)
         devices = ", ".join(sorted({f"{b.device} ({b.arch})" if b.device != "generic" else "generic"
                                     for b in flavor_builds}))
         present = {k for b in flavor_builds for k in b.kinds}
@@ -141,20 +144,22 @@ def cmd_images(args) -> int:
     return 0
 
 
-def cmd_k3s_versions(args) -> int:
+def cmd_provider_versions(args) -> int:
+    provider = PROVIDERS[args.provider]
     current = []
     for text in args.current.split(","):
-        version = k3s.parse(text)
+        version = provider.parse(text)
         if version is None:
-            print(f"error: --current: {text!r} is not a stable k3s version such as v1.28.2+k3s1", file=sys.stderr)
+            print(f"error: --current: {text!r} is not a stable {provider.name} version such as {provider.example}",
+                  file=sys.stderr)
             return 2
         current.append(version)
     try:
-        available = k3s.parse_available(Path(args.available).read_text())
+        available = provider.parse_available(Path(args.available).read_text())
     except (OSError, ValueError) as exc:
         print(f"error: --available {args.available}: {exc}", file=sys.stderr)
         return 2
-    for version in k3s.next_versions(current, available):
+    for version in next_versions(current, available):
         print(version)
     return 0
 
@@ -187,16 +192,28 @@ def parser() -> argparse.ArgumentParser:
     form.add_argument("--markdown", action="store_true",
                       help="the image support matrix as a Markdown page (for the docs)")
     plan.set_defaults(func=cmd_plan)
+    policy = ("Every release ships three versions of a provider (three minors). No newer minor upstream: "
+              "bump each current version to its latest patch. A newer minor: drop the oldest minor, add the "
+              "newest at its latest patch, bump the others. Pre-releases and drafts are ignored; the build "
+              "number orders numerically (+k3s9 < +k3s10, +k0s.0 < +k0s.1). Prints the chosen versions "
+              "oldest first, one per line. In a flavor, `<provider>_versions: policy` with `<provider>_policy: "
+              "{current: [...], available: FILE}` does the same at load time.")
+    examples = ", ".join(f"{p.name} {p.example}" for p in PROVIDERS.values())
+    versions = sub.add_parser(
+        "provider-versions", help=f"compute the next three versions of a provider ({', '.join(PROVIDERS)})",
+        description=f"{policy} Releases look like: {examples}.")
+    versions.add_argument("provider", choices=tuple(PROVIDERS), help="the provider: " + ", ".join(PROVIDERS))
     k3s_cmd = sub.add_parser(
-        "k3s-versions", help="compute the next three k3s versions (version policy)",
-        description="No newer minor upstream: bump each current version to its latest patch. A newer "
-                    "minor: drop the oldest minor, add the newest at its latest patch, bump the others. "
-                    "Pre-releases are ignored. Prints the chosen versions oldest first, one per line.")
-    k3s_cmd.add_argument("--current", required=True, metavar="V1,V2,V3",
-                         help="the versions the current release ships, e.g. v1.27.3+k3s1,v1.28.2+k3s1,v1.29.1+k3s1")
-    k3s_cmd.add_argument("--available", required=True, metavar="FILE",
-                         help="upstream k3s releases: one version per line, or a GitHub releases JSON export")
-    k3s_cmd.set_defaults(func=cmd_k3s_versions)
+        "k3s-versions", help="the same as `provider-versions k3s`",
+        description=f"The same as `python -m tasks provider-versions k3s`. {policy}")
+    k3s_cmd.set_defaults(provider="k3s")
+    for command in (versions, k3s_cmd):
+        command.add_argument("--current", required=True, metavar="V1,V2,V3",
+                             help="the versions the current release ships, comma-separated, e.g. "
+                                  "v1.27.3+k3s1,v1.28.2+k3s1,v1.29.1+k3s1 or v1.32.8+k0s.0,v1.33.4+k0s.0,v1.34.4+k0s.0")
+        command.add_argument("--available", required=True, metavar="FILE",
+                             help="upstream releases: one version per line, or a GitHub releases JSON export")
+        command.set_defaults(func=cmd_provider_versions)
     images = sub.add_parser(
         "images", help="list the image references the state directory records",
         description="Print one Docker image reference per line for the selected builds: image tags, "

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import yaml
 
-from . import k3s
+from .providers import PROVIDERS, Provider, next_versions
 from .kinds import ARTIFACT_KINDS
 from .model import (
     ARCHES, BUILDERS, FIRMWARES, BootOptions, CONVERTERS, DEFAULT_AURORABOOT_IMAGE, DEVICES,
@@ -36,7 +36,6 @@ URL_RE = re.compile(r"^https?://[^\s/]+(/\S*)?$")
 MIRROR_RE = re.compile(r"^(https?|file)://\S+$")
 BLOCK_SIZE_RE = re.compile(r"^\d+[kKmM]?$")
 VERSION_RE = re.compile(r"^v(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?$")
-K3S_RE = re.compile(r"^v(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-rc\d+)?\+k3s\d+$")
 FLAVOR_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 RELEASE_RE = re.compile(r"^[A-Za-z0-9]+([._-][A-Za-z0-9]+)*$")
 SUITE_RE = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
@@ -376,34 +375,47 @@ def _base_image(c: _Checker, doc: dict, key: str, prefix: str) -> str | Mmdebstr
     return _build(MmdebstrapBase, values)
 
 
-K3S_POLICY: dict[str, Check] = {
-    "current": _list(pattern=K3S_RE, hint="a k3s release such as v1.28.2+k3s1"),
-    "available": _FILE,  # a k3s release list; without it the policy gives no versions
-}
+def _policy_table(p: Provider) -> dict[str, Check]:
+    """The keys of `<provider>_policy`."""
+    return {
+        "current": _list(pattern=p.pattern, hint=p.hint),
+        "available": _FILE,  # the provider's release list; without it the policy gives no versions
+    }
 
 
-def _k3s_versions(c: _Checker, doc: dict, key: str, prefix: str) -> tuple[str, ...] | None:
-    """A list of k3s releases, or the word policy: the next releases after k3s_policy.current
-    that k3s_policy.available lists."""
-    if doc[key] != "policy":
-        return c.choice_list(doc, key, prefix, pattern=K3S_RE,
-                             hint="a k3s release such as v1.28.2+k3s1, or the word policy (see k3s_policy)")
-    spec = _mapping(c, doc, "k3s_policy", "") if "k3s_policy" in doc else {}
-    if spec == {}:
-        c.problem("k3s_policy", "required with k3s_versions: policy: {current: [...], available: FILE}",
-                  key="k3s_policy" if "k3s_policy" in doc else key)
-    if not spec:
-        return None
-    c.unknown_keys(spec, tuple(K3S_POLICY), "k3s_policy.")
-    policy = _values(c, spec, "k3s_policy.", K3S_POLICY, {"available": None})
-    if not policy["current"] or policy["available"] is None:
-        return ()
-    try:
-        upstream = k3s.parse_available(policy["available"].read_text())
-    except (OSError, ValueError) as exc:
-        c.problem("k3s_policy.available", f"{policy['available']}: {exc}", spec, "available")
-        return None
-    return tuple(str(v) for v in k3s.next_versions([k3s.parse(v) for v in policy["current"]], upstream))
+def _provider_versions(p: Provider) -> Check:
+    """The check of `<provider>_versions`: a list of the provider's releases, or the word policy: the
+    next releases after `<provider>_policy.current` that `<provider>_policy.available` lists."""
+    def check(c: _Checker, doc: dict, key: str, prefix: str) -> tuple[str, ...] | None:
+        if doc[key] != "policy":
+            return c.choice_list(doc, key, prefix, pattern=p.pattern,
+                                 hint=f"{p.hint}, or the word policy (see {p.policy_key})")
+        spec = _mapping(c, doc, p.policy_key, "") if p.policy_key in doc else {}
+        if spec == {}:
+            c.problem(p.policy_key, f"required with {key}: policy: {{current: [...], available: FILE}}",
+                      key=p.policy_key if p.policy_key in doc else key)
+        if not spec:
+            return None
+        c.unknown_keys(spec, tuple(_policy_table(p)), f"{p.policy_key}.")
+        policy = _values(c, spec, f"{p.policy_key}.", _policy_table(p), {"available": None})
+        if policy["current"] is None or ("available" in spec and policy["available"] is None):
+            return None  # invalid or missing: reported
+        current = [p.parse(v) for v in policy["current"]]
+        for i, (text, version) in enumerate(zip(policy["current"], current)):
+            if version is None:
+                c.problem(f"{p.policy_key}.current[{i}]", f"{text!r} is a pre-release; the policy starts from "
+                          f"stable releases such as {p.example}", spec, "current")
+        if None in current:
+            return None
+        if not policy["current"] or policy["available"] is None:
+            return ()
+        try:
+            upstream = p.parse_available(policy["available"].read_text())
+        except (OSError, ValueError) as exc:
+            c.problem(f"{p.policy_key}.available", f"{policy['available']}: {exc}", spec, "available")
+            return None
+        return tuple(str(v) for v in next_versions(current, upstream))
+    return check
 
 
 # The sections (mappings) of a flavor file: one check per field of their dataclass.
@@ -439,7 +451,7 @@ TOP: dict[str, Check] = {
     "base_image": _base_image,
     "version": _text(VERSION_RE, "a semantic version with a leading v, e.g. v3.1.0"),
     "variants": _list(VARIANTS),
-    "k3s_versions": _k3s_versions,
+    **{p.key: _provider_versions(p) for p in PROVIDERS.values()},
     "arches": _list(ARCHES),
     "devices": _list(tuple(DEVICES)),
     "converter": _choice(CONVERTERS, "converter"),
@@ -460,15 +472,16 @@ TOP: dict[str, Check] = {
     "boot": _section(BootOptions, BOOT),
     "cloud_config": _cloud_config,
 }
-TOP_KEYS = (*TOP, "k3s_policy")
+TOP_KEYS = (*TOP, *(p.policy_key for p in PROVIDERS.values()))
 
 
 # --- rules between keys: (checker, parsed values; None where invalid) -> None -----------------
 
-def k3s_policy_needs_policy(c: _Checker, v: SimpleNamespace) -> None:
-    """k3s_policy is only read when k3s_versions is the word policy."""
-    if "k3s_policy" in c.doc and c.doc.get("k3s_versions") != "policy":
-        c.problem("k3s_policy", "only used with k3s_versions: policy")
+def provider_policy_needs_policy(c: _Checker, v: SimpleNamespace) -> None:
+    """`<provider>_policy` is only read when `<provider>_versions` is the word policy."""
+    for p in PROVIDERS.values():
+        if p.policy_key in c.doc and c.doc.get(p.key) != "policy":
+            c.problem(p.policy_key, f"only used with {p.key}: policy")
 
 
 def builtin_needs_builtin_converter(c: _Checker, v: SimpleNamespace) -> None:
@@ -518,24 +531,36 @@ def kairos_init_image_needs_kairos_init(c: _Checker, v: SimpleNamespace) -> None
         c.problem("kairos_init_image", "only used with converter: kairos-init (this flavor uses builtin)")
 
 
-def standard_needs_k3s(c: _Checker, v: SimpleNamespace) -> None:
-    """The standard variant needs a k3s version."""
-    if v.variants and "standard" in v.variants and not v.k3s_versions:
-        c.problem("variants" if "k3s_versions" not in c.doc else "k3s_versions",
-                  "the standard variant needs at least one k3s version in k3s_versions (e.g. [v1.28.2+k3s1])")
+def standard_needs_provider_versions(c: _Checker, v: SimpleNamespace) -> None:
+    """The standard variant needs a provider version (k3s or k0s); a provider key listing none is an error."""
+    if not (v.variants and "standard" in v.variants):
+        return
+    given = [p for p in PROVIDERS.values() if p.key in c.doc]
+    if not given:
+        c.problem("variants", "the standard variant needs at least one version in " +
+                  " or ".join(f"{p.key} (e.g. [{p.example}])" for p in PROVIDERS.values()))
+        return
+    elsewhere = [p for p in given if getattr(v, p.key)]
+    for p in given:
+        if getattr(v, p.key) == ():
+            c.problem(p.key, f"gives no {p.name} version; " + (
+                f"list at least one (e.g. [{p.example}]) or remove the key" if elsewhere else
+                f"the standard variant needs at least one (e.g. [{p.example}])"))
 
 
 def standard_needs_kairos_init(c: _Checker, v: SimpleNamespace) -> None:
-    """The builtin converter does not install k3s, so it cannot make the standard variant."""
+    """The builtin converter installs no provider (k3s, k0s), so it cannot make the standard variant."""
     if v.variants and "standard" in v.variants and v.converter == "builtin":
-        c.problem("variants", "the builtin converter does not install k3s; the standard variant needs "
-                  "converter: kairos-init")
+        named = [p.name for p in PROVIDERS.values() if p.key in c.doc] or list(PROVIDERS)
+        c.problem("variants", f"the builtin converter does not install {' or '.join(named)}; the standard variant "
+                  "needs converter: kairos-init")
 
 
-def k3s_needs_standard(c: _Checker, v: SimpleNamespace) -> None:
-    """k3s versions are only used by the standard variant."""
-    if v.variants and v.k3s_versions and "standard" not in v.variants:
-        c.problem("k3s_versions", "k3s versions are only used by the standard variant, which variants does not list")
+def provider_versions_need_standard(c: _Checker, v: SimpleNamespace) -> None:
+    """Provider versions are only used by the standard variant."""
+    for p in PROVIDERS.values():
+        if v.variants and p.key in c.doc and getattr(v, p.key) is not None and "standard" not in v.variants:
+            c.problem(p.key, f"{p.name} versions are only used by the standard variant, which variants does not list")
 
 
 def devices_need_their_arch(c: _Checker, v: SimpleNamespace) -> None:
@@ -586,9 +611,10 @@ def uki_needs_keys(c: _Checker, v: SimpleNamespace) -> None:
 
 
 RULES: tuple[Callable[[_Checker, SimpleNamespace], None], ...] = (
-    k3s_policy_needs_policy, builtin_needs_builtin_converter, grype_needs_vulnerabilities, sign_needs_key,
+    provider_policy_needs_policy, builtin_needs_builtin_converter, grype_needs_vulnerabilities, sign_needs_key,
     ipxe_needs_netboot_url, kairos_init_needs_pinned_image, kairos_init_image_needs_kairos_init,
-    standard_needs_k3s, standard_needs_kairos_init, k3s_needs_standard, devices_need_their_arch,
+    standard_needs_provider_versions, standard_needs_kairos_init, provider_versions_need_standard,
+    devices_need_their_arch,
     mmdebstrap_arch_serves_arches, raw_needs_rpi_or_raw_generic, trusted_boot_needs_generic, uki_needs_keys,
 )
 

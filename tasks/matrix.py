@@ -3,27 +3,41 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import naming
 from .kinds import ARTIFACT_KINDS, KINDS
 from .model import DEVICES, Flavor, MmdebstrapBase
+from .providers import PROVIDERS
 from .state import safe_id
 
 
 @dataclass(frozen=True)
 class Build:
-    """One row of the expanded flavor matrix."""
+    """One row of the expanded flavor matrix. A standard build names its provider (a key of
+    tasks.providers.PROVIDERS: k3s, k0s) and the provider's version; a core build neither."""
 
     flavor: Flavor
     variant: str
-    k3s_version: str | None
     arch: str
     device: str
+    provider: str | None = field(default=None, kw_only=True)
+    provider_version: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self):
+        if (self.provider is None) != (self.provider_version is None) or \
+                (self.provider is not None and self.provider not in PROVIDERS):
+            raise ValueError(f"a build needs a known provider and its version, or neither: "
+                             f"{self.provider!r} {self.provider_version!r}")
 
     @property
     def version(self) -> str:
-        return naming.version_string(self.flavor.version, self.k3s_version)
+        return naming.version_string(self.flavor.version, self.provider, self.provider_version)
+
+    @property
+    def provider_fields(self) -> dict[str, str | None]:
+        """The provider and its version as the plan, the manifest and the provenance record them."""
+        return {"provider": self.provider, "provider_version": self.provider_version}
 
     @property
     def stem(self) -> str:
@@ -81,17 +95,19 @@ def base_source(flavor: Flavor, arch: str) -> BaseSource:
 
 
 def expand(flavors: tuple[Flavor, ...]) -> list[Build]:
-    """Every build of every flavor, in file order; arm64-only devices skip amd64."""
+    """Every build of every flavor, in file order; one standard build per provider version (k3s
+    versions, then k0s versions); arm64-only devices skip amd64."""
     builds = []
     for f in flavors:
         for variant in f.variants:
-            k3s_list = f.k3s_versions if variant == "standard" else (None,)
-            for k3s in k3s_list:
+            providers = f.provider_versions() if variant == "standard" else ((None, None),)
+            for provider, provider_version in providers:
                 for arch in f.arches:
                     for device in f.devices:
                         if arch not in DEVICES[device]:
                             continue
-                        builds.append(Build(f, variant, k3s, arch, device))
+                        builds.append(Build(f, variant, arch, device, provider=provider,
+                                            provider_version=provider_version))
     return builds
 
 

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .providers import PROVIDERS
+
 VARIANTS = ("core", "standard")
 ARCHES = ("amd64", "arm64")
 # device -> the arches it exists for
@@ -145,7 +147,9 @@ class Flavor:
     base_image: str | MmdebstrapBase
     version: str
     variants: tuple[str, ...]
+    # one field <provider>_versions per provider of PROVIDERS, in its order
     k3s_versions: tuple[str, ...] = field(default=(), kw_only=True)
+    k0s_versions: tuple[str, ...] = field(default=(), kw_only=True)
     arches: tuple[str, ...]
     devices: tuple[str, ...]
     converter: str = field(default="kairos-init", kw_only=True)
@@ -165,3 +169,8 @@ class Flavor:
     sign: SignOptions = field(default_factory=SignOptions)
     boot: BootOptions = field(default_factory=BootOptions)
     cloud_config: Path | None = None   # baked into the ISO (/config.yaml) and raw images (COS_OEM)
+
+    def provider_versions(self) -> tuple[tuple[str, str], ...]:
+        """(provider, version) of each standard build: every version of every `<provider>_versions`
+        field, in PROVIDERS order."""
+        return tuple((name, version) for name, p in PROVIDERS.items() for version in getattr(self, p.key))

@@ -2,6 +2,7 @@
 
 Pure functions. Examples:
   kairos-ubuntu-23.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2+k3s1.iso
+  kairos-rocky-9.6-standard-amd64-generic-v3.5.6-k0sv1.32.8+k0s.0.iso
   quay.io/kairos/opensuse:leap-15.6-core-amd64-generic-v3.1.0
 """
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 from .kinds import KINDS
 
 
-def version_string(kairos_version: str, k3s_version: str | None = None) -> str:
-    """`<kairos version>` or, for standard (k3s) builds, `<kairos version>-k3s<k3s version>`."""
-    return f"{kairos_version}-k3s{k3s_version}" if k3s_version else kairos_version
+def version_string(kairos_version: str, provider: str | None = None, provider_version: str | None = None) -> str:
+    """`<kairos version>` or, for standard builds, `<kairos version>-<provider><provider version>`
+    (`v3.1.0-k3sv1.28.2+k3s1`, `v4.0.1-k0sv1.34.4+k0s.0`)."""
+    return f"{kairos_version}-{provider}{provider_version}" if provider else kairos_version
 
 
 def stem(flavor: str, release: str, variant: str, arch: str, device: str, version: str) -> str:
@@ -24,7 +26,7 @@ def image_tag(registry: str, flavor: str, release: str, variant: str, arch: str,
     """`<registry>/<flavor>:<release>-<variant>-<arch>-<device>-<version>`.
 
     Docker tags cannot hold '+', so (as upstream Kairos does) it becomes '-':
-    `...-v3.1.0-k3sv1.28.2-k3s1`.
+    `...-v3.1.0-k3sv1.28.2-k3s1`, `...-v4.0.1-k0sv1.34.4-k0s.0`.
     """
     return f"{registry}/{flavor}:{release}-{variant}-{arch}-{device}-{version.replace('+', '-')}"
 

@@ -37,10 +37,11 @@ DIGEST = "{digest}"  # placeholder in Dockerfile templates, filled at build time
 
 
 def kairos_init_flags(b: Build) -> list[str]:
-    """Flags for both kairos-init stages (pure). The variant is implied by -p."""
+    """Flags for both kairos-init stages (pure). The variant is implied by -p (`-p k3s
+    --provider-k3s-version V`, `-p k0s --provider-k0s-version V`)."""
     flags = ["-m", b.device, "-t", "true" if b.flavor.trusted_boot else "false"]
-    if b.k3s_version:
-        flags += ["-p", "k3s", "--provider-k3s-version", b.k3s_version]
+    if b.provider:
+        flags += ["-p", b.provider, f"--provider-{b.provider}-version", b.provider_version]
     if b.flavor.fips:
         flags.append("--fips")
     flags += ["--version", b.flavor.version]
@@ -221,9 +222,9 @@ def kairos_release(b: Build) -> str:
         "KAIROS_IMAGE_REPO": b.image,
         "KAIROS_CONVERTER": "builtin (kairos-doit offline converter, not kairos-init)",
     }
-    if b.k3s_version:
-        values["KAIROS_SOFTWARE_VERSION"] = b.k3s_version
-        values["KAIROS_SOFTWARE_VERSION_PREFIX"] = "k3s"
+    if b.provider:
+        values["KAIROS_SOFTWARE_VERSION"] = b.provider_version
+        values["KAIROS_SOFTWARE_VERSION_PREFIX"] = b.provider
     return "".join(f'{k}="{v}"\n' for k, v in values.items())
 
 
@@ -266,8 +267,8 @@ def labels(b: Build) -> dict[str, str]:
         "io.kairos.version": f.version,
         "io.kairos.converter": f.converter,
     }
-    if b.k3s_version:
-        out["io.kairos.software-version"] = b.k3s_version
+    if b.provider:
+        out["io.kairos.software-version"] = b.provider_version
     if f.kairos_init_image:
         out["io.kairos.kairos-init"] = f.kairos_init_image
     return out

@@ -17,6 +17,7 @@ from .. import naming
 from ..graph import Context, action, task
 from ..kinds import CHECKSUM_SUFFIX, KINDS, PROGRAMS
 from ..matrix import Build
+from ..providers import PROVIDERS
 from ..state import Paths, read_digest, sha256_file, signature_files, write_text_atomic
 from . import boot, carrier, convert, sign
 
@@ -98,6 +99,7 @@ def build_record(paths: Paths, b: Build) -> dict:
         "image": b.image,
         "image_id": read_digest(paths.image_id(b)),
         "image_digest": read_digest(paths.pushed(b)),
+        **b.provider_fields,
         "inputs": {
             "base": base,
             "kairos_init": init,
@@ -114,11 +116,13 @@ def build_record(paths: Paths, b: Build) -> dict:
 
 
 def release_notes(version: str, builds: list[Build], records: list[dict], carriers: dict[str, str]) -> str:
-    """outputs/<version>/RELEASE.md (pure): artifacts with size and sha256, k3s versions, the
-    boot checks, cosign verify commands to paste, extraction commands of the -img carrier images."""
-    k3s = sorted({b.k3s_version for b in builds if b.k3s_version})
+    """outputs/<version>/RELEASE.md (pure): artifacts with size and sha256, the providers (k3s, k0s)
+    and their versions, the boot checks, cosign verify commands to paste, extraction commands of the
+    -img carrier images."""
+    shipped = [f"- {name} {v}" for name in PROVIDERS
+               for v in sorted({b.provider_version for b in builds if b.provider == name})]
     out = [f"# Kairos {version}", ""]
-    out += ["## k3s versions", ""] + ([f"- {v}" for v in k3s] or ["- none (core images only)"]) + [""]
+    out += ["## Providers", ""] + (shipped or ["- none (core images only)"]) + [""]
     out += ["## Artifacts", "", "| File | Size | sha256 |", "|---|---:|---|"]
     for record in records:
         for o in record["outputs"]:

@@ -97,7 +97,7 @@ def provenance(b: Build, deps: list[dict], started: str, finished: str) -> dict:
             "buildType": BUILD_TYPE,
             "externalParameters": {
                 "flavor_file": f.path.name, "stem": b.stem, "image": b.image, "variant": b.variant,
-                "arch": b.arch, "device": b.device, "version": f.version, "k3s_version": b.k3s_version,
+                "arch": b.arch, "device": b.device, "version": f.version, **b.provider_fields,
                 "converter": f.converter,
                 "kairos_init_flags": convert.kairos_init_flags(b) if f.converter == "kairos-init" else None,
             },

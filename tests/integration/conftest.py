@@ -91,8 +91,8 @@ def standin(engine, ns) -> str:
 
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory, ns, bases, standin) -> Workspace:
-    """Three flavors: a (kairos-init stand-in, core + standard), b (stand-in, core),
-    c (mmdebstrap base + builtin converter: kernel, initrd, squashfs)."""
+    """Three flavors: a (kairos-init stand-in, core + standard with k3s and with k0s), b (stand-in,
+    core), c (mmdebstrap base + builtin converter: kernel, initrd, squashfs)."""
     root = tmp_path_factory.mktemp("ws")
     ws = Workspace(root=root, ns=ns)
     for name in ("a", "b"):
@@ -101,7 +101,7 @@ def workspace(tmp_path_factory, ns, bases, standin) -> Workspace:
     registry = f"{ns}/kairos"
     write_flavor(ws.flavors / "a.yaml", standin_doc(
         "standina", bases["a"], standin, registry, ["squashfs"], variants=["core", "standard"],
-        k3s_versions=["v1.28.2+k3s1"], overlay="overlay-a", squashfs=LZ4))
+        k3s_versions=["v1.28.2+k3s1"], k0s_versions=["v1.34.4+k0s.0"], overlay="overlay-a", squashfs=LZ4))
     write_flavor(ws.flavors / "b.yaml", standin_doc(
         "standinb", bases["b"], standin, registry, ["squashfs"], overlay="overlay-b", squashfs=LZ4))
     write_flavor(ws.flavors / "c.yaml", builtin_doc(

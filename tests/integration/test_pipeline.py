@@ -76,12 +76,17 @@ def test_first_run_builds_every_artifact(workspace, first_run, engine):
             assert hashlib.sha256((out_dir / fname).read_bytes()).hexdigest() == digest
 
 
+# what the stand-in must have been given per provider of a build (flavor a lists one k3s and one k0s version)
+PROVIDER_FLAGS = {None: "", "k3s": " -p k3s --provider-k3s-version v1.28.2+k3s1",
+                  "k0s": " -p k0s --provider-k0s-version v1.34.4+k0s.0"}
+
+
 def test_kairos_init_standin_got_the_upstream_flags(workspace, first_run, engine):
     by_flavor = builds(workspace)
+    assert {b.provider for b in by_flavor["a"] + by_flavor["b"]} == set(PROVIDER_FLAGS)
     for b in by_flavor["a"] + by_flavor["b"]:
         log = run_in_image(engine, b.image, "cat", "/var/log/kairos-init-standin.log").splitlines()
-        expected = f"-m generic -t false{' -p k3s --provider-k3s-version v1.28.2+k3s1' if b.k3s_version else ''}" \
-                   " --version v3.1.0"
+        expected = f"-m generic -t false{PROVIDER_FLAGS[b.provider]} --version v3.1.0"
         # two calls, as upstream's Dockerfile pattern: the overlay is copied in between them
         overlay_file = f"/etc/overlay-{b.flavor.path.stem}.conf"
         assert log == [f"-l debug -s install {expected} | overlay: none",

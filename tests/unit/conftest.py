@@ -15,6 +15,7 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) from an
 
 from tasks.model import Flavor  # noqa: E402
 from tasks.matrix import Build  # noqa: E402
+from tasks.providers import PROVIDERS  # noqa: E402
 
 
 @pytest.fixture
@@ -58,16 +59,26 @@ def make_flavor():
     return make
 
 
+def provider_of(version: str) -> str:
+    """The provider (k3s, k0s) whose releases look like ``version``."""
+    (name,) = [name for name, p in PROVIDERS.items() if p.pattern.match(version)]
+    return name
+
+
 @pytest.fixture
 def make_build(make_flavor):
-    """make_build(variant, k3s, arch, device, **flavor_fields) -> Build of a flavor that lists them."""
+    """make_build(variant, provider_version, arch, device, **flavor_fields) -> Build of a flavor that lists
+    them; the provider (k3s, k0s) is the one whose releases look like provider_version."""
 
-    def make(variant="core", k3s=None, arch="amd64", device="generic", **fields) -> Build:
+    def make(variant="core", provider_version=None, arch="amd64", device="generic", **fields) -> Build:
+        provider = provider_of(provider_version) if provider_version else None
         fields.setdefault("variants", (variant,))
-        fields.setdefault("k3s_versions", (k3s,) if k3s else ())
+        if provider:
+            fields.setdefault(PROVIDERS[provider].key, (provider_version,))
         fields.setdefault("arches", (arch,))
         fields.setdefault("devices", (device,))
-        return Build(make_flavor(**fields), variant, k3s, arch, device)
+        return Build(make_flavor(**fields), variant, arch, device, provider=provider,
+                     provider_version=provider_version)
 
     return make
 

@@ -21,6 +21,7 @@ from tasks.stages.extract import mksquashfs_argv, pick_boot_file
 from tasks.tools.docker import BuildCli, build_argv, is_local_host, registry_host
 
 K3S = "v1.28.2+k3s1"
+K0S = "v1.34.4+k0s.0"
 BASE = "sha256:" + "a" * 64
 INIT = "sha256:" + "b" * 64
 BUILTIN = dict(converter="builtin", kairos_init_image=None)
@@ -28,7 +29,7 @@ BUILTIN = dict(converter="builtin", kairos_init_image=None)
 # --- convert: kairos-init flags and Dockerfile ------------------------------------
 
 FLAG_CASES = [
-    # device, trusted_boot, fips, k3s -> flags
+    # device, trusted_boot, fips, provider version (k3s or k0s) -> flags
     ("generic", False, False, None, ["-m", "generic", "-t", "false", "--version", "v3.1.0"]),
     ("generic", True, False, None, ["-m", "generic", "-t", "true", "--version", "v3.1.0"]),
     ("rpi4", False, False, K3S,
@@ -37,13 +38,19 @@ FLAG_CASES = [
     ("generic", True, True, "v1.29.0-rc1+k3s2",
      ["-m", "generic", "-t", "true", "-p", "k3s", "--provider-k3s-version", "v1.29.0-rc1+k3s2", "--fips",
       "--version", "v3.1.0"]),
+    ("generic", False, False, K0S,
+     ["-m", "generic", "-t", "false", "-p", "k0s", "--provider-k0s-version", K0S, "--version", "v3.1.0"]),
+    ("rpi4", True, True, "v1.35.0-rc.1+k0s.0",
+     ["-m", "rpi4", "-t", "true", "-p", "k0s", "--provider-k0s-version", "v1.35.0-rc.1+k0s.0", "--fips",
+      "--version", "v3.1.0"]),
 ]
 
 
-@pytest.mark.parametrize("device, trusted, fips, k3s, flags", FLAG_CASES)
-def test_kairos_init_flags(make_build, device, trusted, fips, k3s, flags):
+@pytest.mark.parametrize("device, trusted, fips, provider_version, flags", FLAG_CASES)
+def test_kairos_init_flags(make_build, device, trusted, fips, provider_version, flags):
     arch = "amd64" if device == "generic" else "arm64"
-    b = make_build("standard" if k3s else "core", k3s, arch, device, trusted_boot=trusted, fips=fips)
+    b = make_build("standard" if provider_version else "core", provider_version, arch, device,
+                   trusted_boot=trusted, fips=fips)
     assert kairos_init_flags(b) == flags
 
 
@@ -59,14 +66,15 @@ def _run_command(text: str) -> list[str]:
     (f"ubuntu:24.04@{BASE}", "127.0.0.1:5000/mirror/kairos-init:v4.3.0", "ubuntu",
      "127.0.0.1:5000/mirror/kairos-init"),
 ])
-@pytest.mark.parametrize("variant, k3s, arch, device", [
+@pytest.mark.parametrize("variant, provider_version, arch, device", [
     ("core", None, "amd64", "generic"),
     ("standard", K3S, "arm64", "rpi4"),
+    ("standard", K0S, "amd64", "generic"),
 ])
 @pytest.mark.parametrize("overlay", [False, True])
-def test_dockerfile_kairos_init(make_build, base_image, init_image, base_repo, init_repo, variant, k3s, arch,
-                                device, overlay):
-    b = make_build(variant, k3s, arch, device, base_image=base_image, kairos_init_image=init_image)
+def test_dockerfile_kairos_init(make_build, base_image, init_image, base_repo, init_repo, variant, provider_version,
+                                arch, device, overlay):
+    b = make_build(variant, provider_version, arch, device, base_image=base_image, kairos_init_image=init_image)
     text = dockerfile_kairos_init(b, BASE, INIT, overlay)
     lines = text.splitlines()
     assert text.endswith("\n")
@@ -79,6 +87,10 @@ def test_dockerfile_kairos_init(make_build, base_image, init_image, base_repo, i
     # upstream's pattern: packages, then the user's changes, then initrd and services
     assert lines[2:] == [install, *(["COPY overlay/ /"] if overlay else []), init]
     assert shlex.split(lines[2])[2:] == ["/kairos-init", "-l", "debug", "-s", "install", *flags]
+    if provider_version:
+        provider = b.provider
+        assert f" -p {provider} --provider-{provider}-version {provider_version} " in lines[2]
+        assert f" -p {provider} --provider-{provider}-version {provider_version} " in lines[-1]
 
 
 @pytest.mark.parametrize("overlay", [None, Path("/srv/overlay")])
@@ -195,12 +207,13 @@ def _release_values(text: str) -> dict[str, str]:
     return values
 
 
-@pytest.mark.parametrize("variant, k3s, arch, device", [
-    ("core", None, "amd64", "generic"),
-    ("standard", K3S, "arm64", "rpi4"),
+@pytest.mark.parametrize("variant, provider_version, prefix, arch, device", [
+    ("core", None, None, "amd64", "generic"),
+    ("standard", K3S, "k3s", "arm64", "rpi4"),
+    ("standard", K0S, "k0s", "amd64", "generic"),
 ])
-def test_kairos_release(make_build, tmp_path, variant, k3s, arch, device):
-    b = make_build(variant, k3s, arch, device, flavor="debian", release="12", **BUILTIN)
+def test_kairos_release(make_build, tmp_path, variant, provider_version, prefix, arch, device):
+    b = make_build(variant, provider_version, arch, device, flavor="debian", release="12", **BUILTIN)
     text = kairos_release(b)
     values = _release_values(text)
     expected = {
@@ -217,8 +230,8 @@ def test_kairos_release(make_build, tmp_path, variant, k3s, arch, device):
         "KAIROS_ARTIFACT": b.stem,
         "KAIROS_IMAGE_REPO": b.image,
     }
-    if k3s:
-        expected |= {"KAIROS_SOFTWARE_VERSION": k3s, "KAIROS_SOFTWARE_VERSION_PREFIX": "k3s"}
+    if provider_version:
+        expected |= {"KAIROS_SOFTWARE_VERSION": provider_version, "KAIROS_SOFTWARE_VERSION_PREFIX": prefix}
     converter = values.pop("KAIROS_CONVERTER")
     assert values == expected
     assert converter.startswith("builtin") and "not kairos-init" in converter
@@ -248,19 +261,20 @@ def test_labels(make_build):
     }
 
 
-@pytest.mark.parametrize("variant, k3s, fields", [
+@pytest.mark.parametrize("variant, provider_version, fields", [
     ("core", None, {}),
     ("standard", K3S, {}),
+    ("standard", K0S, {}),
     ("core", None, BUILTIN),
 ])
-def test_labels_have_no_timestamps_and_are_reproducible(make_build, variant, k3s, fields):
-    first = labels(make_build(variant, k3s, **fields))
-    again = labels(make_build(variant, k3s, **fields))
+def test_labels_have_no_timestamps_and_are_reproducible(make_build, variant, provider_version, fields):
+    first = labels(make_build(variant, provider_version, **fields))
+    again = labels(make_build(variant, provider_version, **fields))
     assert first == again
     assert not any(word in key for key in first for word in ("created", "date", "time", "build-id"))
     assert not any(re.search(r"\d{4}-\d{2}-\d{2}|\d{2}:\d{2}:\d{2}|\b1[6-9]\d{8}\b", v) for v in first.values())
     assert ("io.kairos.kairos-init" in first) == (fields != BUILTIN)
-    assert ("io.kairos.software-version" in first) == (k3s is not None)
+    assert first.get("io.kairos.software-version") == provider_version
 
 
 def _tree(root: Path) -> None:

@@ -30,6 +30,7 @@ FLAVOR = {
     "sign": {"keyless": True},
 }
 RPI4_STANDARD = "kairos-ubuntu-23.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2+k3s1"
+DROP = object()  # flavor(base, key=DROP) removes the key
 
 
 def write(folder: Path, name: str, data) -> Path:
@@ -56,7 +57,9 @@ def test_plan_json(tmp_path, capsys):
     record = builds[-1]
     assert record["stem"] == RPI4_STANDARD
     assert record["image"] == "quay.io/kairos/ubuntu:23.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2-k3s1"
-    assert record["version"] == "v3.1.0-k3sv1.28.2+k3s1" and record["k3s_version"] == "v1.28.2+k3s1"
+    assert record["version"] == "v3.1.0-k3sv1.28.2+k3s1"
+    assert (record["provider"], record["provider_version"]) == ("k3s", "v1.28.2+k3s1")
+    assert (builds[0]["provider"], builds[0]["provider_version"]) == (None, None)
     assert record["base_image"] == "ubuntu:23.04" and record["converter"] == "kairos-init"
     assert record["flavor_file"] == str(tmp_path / "flavors" / "ubuntu.yaml")
     assert record["artifacts"] == {
@@ -81,6 +84,55 @@ def test_plan_text(tmp_path, capsys):
     assert RPI4_STANDARD in lines
     assert "  image     quay.io/kairos/ubuntu:23.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2-k3s1" in lines
     assert f"  raw       {RPI4_STANDARD}.img" in lines
+
+
+K0S_FLAVOR = {**FLAVOR, "flavor": "rocky", "release": "9.6", "base_image": "rockylinux:9.6", "version": "v3.5.6",
+              "variants": ["standard"], "k3s_versions": DROP, "k0s_versions": ["v1.34.4+k0s.0"],
+              "arches": ["amd64"], "devices": ["generic"], "artifacts": ["iso"], "sign": DROP}
+
+
+def flavor(base: dict, **changes) -> dict:
+    return {k: v for k, v in {**base, **changes}.items() if v is not DROP}
+
+
+def test_python_m_tasks_plan_lists_the_k0s_iso_and_tag(tmp_path):
+    write(tmp_path / "flavors", "rocky.yaml", flavor(K0S_FLAVOR))
+    proc = _python_m_tasks("plan", "--flavors", str(tmp_path / "flavors"))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    stem = "kairos-rocky-9.6-standard-amd64-generic-v3.5.6-k0sv1.34.4+k0s.0"
+    assert lines[0] == stem and lines[-1] == "1 build(s)"
+    assert f"  iso       {stem}.iso" in lines
+    assert "  image     quay.io/kairos/rocky:9.6-standard-amd64-generic-v3.5.6-k0sv1.34.4-k0s.0" in lines
+
+
+def test_plan_json_with_k3s_and_k0s(tmp_path, capsys):
+    """A flavor listing both providers: one standard build per provider version, k3s first."""
+    write(tmp_path / "flavors", "hadron.yaml", flavor(
+        K0S_FLAVOR, flavor="hadron", release="v0.0.4", version="v4.0.1", variants=["core", "standard"],
+        k3s_versions=["v1.33.4+k3s1"], k0s_versions=["v1.33.4+k0s.0", "v1.34.4+k0s.0"]))
+    builds = plan_json(capsys, "--flavors", str(tmp_path / "flavors"))["builds"]
+    assert [(b["variant"], b["provider"], b["provider_version"], b["version"]) for b in builds] == [
+        ("core", None, None, "v4.0.1"),
+        ("standard", "k3s", "v1.33.4+k3s1", "v4.0.1-k3sv1.33.4+k3s1"),
+        ("standard", "k0s", "v1.33.4+k0s.0", "v4.0.1-k0sv1.33.4+k0s.0"),
+        ("standard", "k0s", "v1.34.4+k0s.0", "v4.0.1-k0sv1.34.4+k0s.0")]
+    last = builds[-1]
+    assert last["stem"] == "kairos-hadron-v0.0.4-standard-amd64-generic-v4.0.1-k0sv1.34.4+k0s.0"
+    assert last["artifacts"]["iso"][0] == "kairos-hadron-v0.0.4-standard-amd64-generic-v4.0.1-k0sv1.34.4+k0s.0.iso"
+    assert last["image"] == "quay.io/kairos/hadron:v0.0.4-standard-amd64-generic-v4.0.1-k0sv1.34.4-k0s.0"
+
+
+def test_plan_markdown_names_both_providers(tmp_path, capsys):
+    write(tmp_path / "flavors", "rocky.yaml", flavor(K0S_FLAVOR, variants=["core", "standard"],
+                                                      k3s_versions=["v1.33.4+k3s1"]))
+    assert main(["plan", "--flavors", str(tmp_path / "flavors"), "--markdown"]) == 0
+    page = capsys.readouterr().out
+    (row,) = [line for line in page.splitlines() if line.startswith("| rocky | 9.6 |")]
+    assert "| core, standard (k3s v1.33.4+k3s1; k0s v1.34.4+k0s.0) |" in row
+    assert "| `quay.io/kairos/rocky:9.6-standard-amd64-generic-v3.5.6-k0sv1.34.4-k0s.0` | " \
+           "`kairos-rocky-9.6-standard-amd64-generic-v3.5.6-k0sv1.34.4+k0s.0.iso`" in page
+    assert "| `quay.io/kairos/rocky:9.6-standard-amd64-generic-v3.5.6-k3sv1.33.4-k3s1` | " in page
 
 
 def test_plan_several_sources_separated_by_pathsep(tmp_path, capsys):
@@ -206,3 +258,26 @@ def test_images_lists_tags_and_the_digests_the_state_recorded(tmp_path, monkeypa
     assert "quay.io/kairos/ubuntu:23.04-core-amd64-generic-v3.1.0" in lines
     assert "quay.io/kairos/ubuntu:23.04-core-amd64-generic-v3.1.0-img" not in lines
     assert sum(l.startswith("sha256:") for l in lines) == 1
+
+
+@pytest.mark.parametrize("key_line, problem", [
+    ("k0s_versions: [v1.34.4+k0s0]", "k0s_versions[0]: invalid value 'v1.34.4+k0s0': a k0s release such as "
+     "v1.34.4+k0s.0, or the word policy (see k0s_policy)"),
+    ("k0s_versions: []", "k0s_versions: gives no k0s version; the standard variant needs at least one "
+     "(e.g. [v1.34.4+k0s.0])"),
+])
+def test_python_m_tasks_plan_bad_k0s_versions_exit_2(tmp_path, key_line, problem):
+    text = yaml.safe_dump(flavor(K0S_FLAVOR, k0s_versions=DROP), sort_keys=False) + key_line + "\n"
+    path = write(tmp_path / "flavors", "rocky.yaml", text)
+    proc = _python_m_tasks("plan", "--flavors", str(path))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"error: {path}:{len(text.splitlines())}: {problem}\n"
+
+
+def test_python_m_tasks_plan_k0s_on_a_core_only_flavor_exit_2(tmp_path):
+    text = yaml.safe_dump(flavor(K0S_FLAVOR, variants=["core"], k0s_versions=DROP), sort_keys=False)
+    path = write(tmp_path / "flavors", "rocky.yaml", text + "k0s_versions: [v1.34.4+k0s.0]\n")
+    proc = _python_m_tasks("plan", "--flavors", str(path))
+    assert proc.returncode == 2
+    assert proc.stderr == (f"error: {path}:{len(text.splitlines()) + 1}: k0s_versions: k0s versions are only used by "
+                           "the standard variant, which variants does not list\n")

@@ -9,6 +9,7 @@ import yaml
 
 from tasks import config, model
 from tasks.config import load_flavors
+from tasks.providers import PROVIDERS
 from tasks.model import (BootOptions, BuiltinOptions, ConfigError, Flavor, MmdebstrapBase, ScanOptions, SignOptions,
                          SquashfsOptions, parse_ref)
 
@@ -255,10 +256,11 @@ ERROR_CASES = [
     pytest.param(doc(devices=["rpi4"], artifacts=["raw"]), "devices",
                  "rpi4 needs arch arm64, but arches lists only amd64", "devices:", id="amd64-with-rpi4"),
     pytest.param(doc(variants=["core", "standard"]), "variants",
-                 "the standard variant needs at least one k3s version", "variants:", id="standard-without-k3s"),
+                 "the standard variant needs at least one version in k3s_versions (e.g. [v1.28.2+k3s1]) or "
+                 "k0s_versions (e.g. [v1.34.4+k0s.0])", "variants:", id="standard-without-k3s"),
     pytest.param(doc(variants=["standard"], k3s_versions=[]), "k3s_versions",
-                 "the standard variant needs at least one k3s version", "k3s_versions:",
-                 id="standard-with-empty-k3s"),
+                 "gives no k3s version; the standard variant needs at least one (e.g. [v1.28.2+k3s1])",
+                 "k3s_versions:", id="standard-with-empty-k3s"),
     pytest.param(doc(k3s_versions=["v1.28.2+k3s1"]), "k3s_versions", "only used by the standard variant",
                  "k3s_versions:", id="k3s-without-standard"),
     pytest.param(doc(kairos_init_image=DROP), "kairos_init_image", "required when converter is kairos-init",
@@ -546,9 +548,15 @@ def test_each_section_table_checks_exactly_the_fields_of_its_dataclass(table, cl
     assert tuple(table) == tuple(f.name for f in dataclasses.fields(cls))
 
 
-def test_top_keys_are_the_flavor_fields_and_k3s_policy():
+def test_top_keys_are_the_flavor_fields_and_the_provider_policies():
     assert tuple(config.TOP) == tuple(f.name for f in dataclasses.fields(Flavor) if f.name != "path")
-    assert config.TOP_KEYS == (*config.TOP, "k3s_policy")
+    assert config.TOP_KEYS == (*config.TOP, "k3s_policy", "k0s_policy")
+
+
+def test_each_provider_has_its_versions_field():
+    fields = {f.name: f for f in dataclasses.fields(Flavor)}
+    for p in PROVIDERS.values():
+        assert fields[p.key].default == () and p.key in config.TOP and p.policy_key in config.TOP_KEYS
 
 
 @pytest.mark.parametrize("changes, attr, default", [
@@ -590,3 +598,90 @@ def test_the_model_is_said_once():
     for name in ("DEVICES", "SEVERITIES", "ConfigError", "Flavor", "MmdebstrapBase",
                  "BuiltinOptions", "SquashfsOptions", "ScanOptions", "SignOptions", "parse_ref"):
         assert getattr(config, name) is getattr(model, name), name
+
+
+# --- providers: k3s_versions and k0s_versions ---------------------------------------
+
+K3S, K0S = "v1.28.2+k3s1", "v1.34.4+k0s.0"
+STANDARD = dict(variants=["core", "standard"])
+
+
+@pytest.mark.parametrize("changes, k3s, k0s, builds", [
+    (dict(k0s_versions=[K0S]), (), (K0S,), [("k0s", K0S)]),
+    (dict(k3s_versions=[K3S], k0s_versions=[K0S, "v1.33.4+k0s.1"]), (K3S,), (K0S, "v1.33.4+k0s.1"),
+     [("k3s", K3S), ("k0s", K0S), ("k0s", "v1.33.4+k0s.1")]),
+    (dict(k0s_versions=["v1.35.0-rc.1+k0s.0"]), (), ("v1.35.0-rc.1+k0s.0",), [("k0s", "v1.35.0-rc.1+k0s.0")]),
+])
+def test_standard_flavors_list_k3s_and_or_k0s_versions(write_flavor, changes, k3s, k0s, builds):
+    (f,) = load_flavors([write_flavor("f.yaml", doc(**STANDARD, **changes))])
+    assert (f.k3s_versions, f.k0s_versions) == (k3s, k0s)
+    assert type(f.k0s_versions) is tuple
+    assert list(f.provider_versions()) == builds
+
+
+K0S_HINT = "a k0s release such as v1.34.4+k0s.0, or the word policy (see k0s_policy)"
+
+
+@pytest.mark.parametrize("changes, at, problem", [
+    pytest.param(dict(**STANDARD, k0s_versions=["v1.34.4+k0s0"]), "k0s_versions:",
+                 f"k0s_versions[0]: invalid value 'v1.34.4+k0s0': {K0S_HINT}", id="k0s-malformed"),
+    pytest.param(dict(**STANDARD, k0s_versions=[K0S, "1.33.4+k0s.0"]), "k0s_versions:",
+                 f"k0s_versions[1]: invalid value '1.33.4+k0s.0': {K0S_HINT}", id="k0s-without-v"),
+    pytest.param(dict(**STANDARD, k0s_versions=[K3S]), "k0s_versions:",
+                 f"k0s_versions[0]: invalid value 'v1.28.2+k3s1': {K0S_HINT}", id="k3s-release-as-k0s"),
+    pytest.param(dict(**STANDARD, k3s_versions=[K0S]), "k3s_versions:",
+                 "k3s_versions[0]: invalid value 'v1.34.4+k0s.0': a k3s release such as v1.28.2+k3s1, or the word "
+                 "policy (see k3s_policy)", id="k0s-release-as-k3s"),
+    pytest.param(dict(**STANDARD, k0s_versions=[K0S, K0S]), "k0s_versions:",
+                 "k0s_versions[1]: duplicate value 'v1.34.4+k0s.0'", id="k0s-duplicate"),
+    pytest.param(dict(**STANDARD, k0s_versions=K0S), "k0s_versions:",
+                 "k0s_versions: must be a list, got a string", id="k0s-not-a-list"),
+    pytest.param(dict(k0s_versions=[K0S]), "k0s_versions:",
+                 "k0s_versions: k0s versions are only used by the standard variant, which variants does not list",
+                 id="k0s-on-core-only"),
+    pytest.param(dict(k0s_versions=[]), "k0s_versions:",
+                 "k0s_versions: k0s versions are only used by the standard variant, which variants does not list",
+                 id="k0s-empty-on-core-only"),
+    pytest.param(dict(**STANDARD, k0s_versions=[]), "k0s_versions:",
+                 "k0s_versions: gives no k0s version; the standard variant needs at least one (e.g. [v1.34.4+k0s.0])",
+                 id="k0s-empty"),
+    pytest.param(dict(**STANDARD, k3s_versions=[K3S], k0s_versions=[]), "k0s_versions:",
+                 "k0s_versions: gives no k0s version; list at least one (e.g. [v1.34.4+k0s.0]) or remove the key",
+                 id="k0s-empty-next-to-k3s"),
+    pytest.param(dict(**STANDARD, k0s_versions=[K0S], **BUILTIN), "variants:",
+                 "variants: the builtin converter does not install k0s; the standard variant needs converter: "
+                 "kairos-init", id="builtin-standard-k0s"),
+    pytest.param(dict(**STANDARD, k3s_versions=[K3S], k0s_versions=[K0S], **BUILTIN), "variants:",
+                 "variants: the builtin converter does not install k3s or k0s; the standard variant needs converter: "
+                 "kairos-init", id="builtin-standard-both"),
+    pytest.param(dict(**STANDARD, k0s_versions=[K0S], k0s_policy={"current": [K0S]}), "k0s_policy:",
+                 "k0s_policy: only used with k0s_versions: policy", id="k0s-policy-without-policy"),
+    pytest.param(dict(**STANDARD, k0s_versions="policy"), "k0s_versions:",
+                 "k0s_policy: required with k0s_versions: policy: {current: [...], available: FILE}",
+                 id="k0s-policy-missing"),
+    pytest.param(dict(**STANDARD, k0s_versions="policy", k0s_policy={"current": ["v1.34.4"], "available": "k0s.txt"}),
+                 "current:", "k0s_policy.current[0]: invalid value 'v1.34.4': a k0s release such as v1.34.4+k0s.0",
+                 id="k0s-policy-current-malformed"),
+    pytest.param(dict(**STANDARD, k0s_versions="policy",
+                      k0s_policy={"current": [K0S, "v1.35.0-rc.1+k0s.0"], "available": "k0s.txt"}), "current:",
+                 "k0s_policy.current[1]: 'v1.35.0-rc.1+k0s.0' is a pre-release; the policy starts from stable "
+                 "releases such as v1.34.4+k0s.0", id="k0s-policy-current-pre-release"),
+    pytest.param(dict(**STANDARD, k3s_versions="policy",
+                      k3s_policy={"current": ["v1.29.0-rc1+k3s1"], "available": "k0s.txt"}), "current:",
+                 "k3s_policy.current[0]: 'v1.29.0-rc1+k3s1' is a pre-release; the policy starts from stable "
+                 "releases such as v1.28.2+k3s1", id="k3s-policy-current-pre-release"),
+])
+def test_provider_problems(write_flavor, changes, at, problem):
+    write_flavor("k0s.txt", "v1.34.5+k0s.0\n")
+    text = doc(**changes)
+    path = write_flavor("f.yaml", text)
+    assert problems_of([path]) == [f"{path}:{line_of(text, at)}: {problem}"]
+
+
+def test_k0s_versions_by_policy(write_flavor):
+    write_flavor("k0s.txt", "v1.35.1+k0s.0\nv1.35.2-rc.0+k0s.0\nv1.33.4+k0s.1\nv1.34.5+k0s.0\nv1.28.2+k3s1\n")
+    text = doc(**STANDARD, k3s_versions=[K3S], k0s_versions="policy",
+               k0s_policy={"current": ["v1.32.8+k0s.0", "v1.33.4+k0s.0", K0S], "available": "k0s.txt"})
+    (f,) = load_flavors([write_flavor("f.yaml", text)])
+    assert f.k0s_versions == ("v1.33.4+k0s.1", "v1.34.5+k0s.0", "v1.35.1+k0s.0")
+    assert f.k3s_versions == (K3S,)

@@ -21,7 +21,8 @@ VALID = {
 }
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20),
                     st.sampled_from(["core", "standard", "amd64", "arm64", "rpi4", "generic", "v3.1.0",
-                                     "v1.28.2+k3s1", "builtin", "kairos-init", "iso", "raw", "enforce"]))
+                                     "v1.28.2+k3s1", "v1.34.4+k0s.0", "policy", "builtin", "kairos-init", "iso",
+                                     "raw", "enforce"]))
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                       st.dictionaries(st.text(max_size=10), inner, max_size=4)),
                       max_leaves=10)

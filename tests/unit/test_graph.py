@@ -77,9 +77,8 @@ def test_conversion_depends_on_small_digest_files_only(ctx):
 def test_conversion_key_changes_with_one_flag(ctx):
     """The config_changed key differs when one flag differs, and only for that build."""
     from dataclasses import replace
-    from tasks.matrix import Build
 
     b = ctx.builds[0]
-    fips = Build(replace(b.flavor, fips=True), b.variant, b.k3s_version, b.arch, b.device)
+    fips = replace(b, flavor=replace(b.flavor, fips=True))
     assert convert.dockerfile(b, "D", "D") != convert.dockerfile(fips, "D", "D")
     assert convert.kairos_init_flags(fips)[-3:] == ["--fips", "--version", "v3.1.0"]

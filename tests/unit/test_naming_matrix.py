@@ -9,7 +9,8 @@ import pytest
 
 from tasks import naming
 from tasks.model import MmdebstrapBase, parse_ref
-from tasks.matrix import duplicate_problems, expand, parse_shard, shard
+from tasks.matrix import Build, duplicate_problems, expand, parse_shard, shard
+from tasks.providers import PROVIDERS
 from tasks.tools.docker import registry_host
 
 K3S = "v1.28.2+k3s1"
@@ -17,28 +18,44 @@ K3S = "v1.28.2+k3s1"
 # --- naming ----------------------------------------------------------------------
 
 NAME_CASES = [
-    # flavor, release, variant, arch, device, kairos version, k3s, registry -> stem, image tag
-    ("ubuntu", "23.04", "standard", "arm64", "rpi4", "v3.1.0", K3S, "quay.io/kairos",
+    # flavor, release, variant, arch, device, kairos version, provider, its version, registry -> stem, image tag
+    ("ubuntu", "23.04", "standard", "arm64", "rpi4", "v3.1.0", "k3s", K3S, "quay.io/kairos",
      "kairos-ubuntu-23.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2+k3s1",
      "quay.io/kairos/ubuntu:23.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2-k3s1"),
-    ("opensuse", "leap-15.6", "core", "amd64", "generic", "v3.1.0", None, "quay.io/kairos",
+    ("opensuse", "leap-15.6", "core", "amd64", "generic", "v3.1.0", None, None, "quay.io/kairos",
      "kairos-opensuse-leap-15.6-core-amd64-generic-v3.1.0",
      "quay.io/kairos/opensuse:leap-15.6-core-amd64-generic-v3.1.0"),
-    ("debian", "12", "core", "amd64", "generic", "v3.1.0", None, "127.0.0.1:5000/kairos",
+    ("debian", "12", "core", "amd64", "generic", "v3.1.0", None, None, "127.0.0.1:5000/kairos",
      "kairos-debian-12-core-amd64-generic-v3.1.0",
      "127.0.0.1:5000/kairos/debian:12-core-amd64-generic-v3.1.0"),
-    ("alpine", "3.21", "standard", "amd64", "generic", "v3.2.0-rc1", "v1.29.0-rc1+k3s2", "ghcr.io/me/os",
+    ("alpine", "3.21", "standard", "amd64", "generic", "v3.2.0-rc1", "k3s", "v1.29.0-rc1+k3s2", "ghcr.io/me/os",
      "kairos-alpine-3.21-standard-amd64-generic-v3.2.0-rc1-k3sv1.29.0-rc1+k3s2",
      "ghcr.io/me/os/alpine:3.21-standard-amd64-generic-v3.2.0-rc1-k3sv1.29.0-rc1-k3s2"),
-    ("fedora", "42", "core", "arm64", "rpi3", "v3.1.0", None, "localhost:5000",
+    ("fedora", "42", "core", "arm64", "rpi3", "v3.1.0", None, None, "localhost:5000",
      "kairos-fedora-42-core-arm64-rpi3-v3.1.0",
      "localhost:5000/fedora:42-core-arm64-rpi3-v3.1.0"),
+    # upstream release names of k0s builds
+    ("hadron", "v0.0.4", "standard", "amd64", "generic", "v4.0.1", "k0s", "v1.34.4+k0s.0", "quay.io/kairos",
+     "kairos-hadron-v0.0.4-standard-amd64-generic-v4.0.1-k0sv1.34.4+k0s.0",
+     "quay.io/kairos/hadron:v0.0.4-standard-amd64-generic-v4.0.1-k0sv1.34.4-k0s.0"),
+    ("rocky", "9.6", "standard", "amd64", "generic", "v3.5.6", "k0s", "v1.32.8+k0s.0", "quay.io/kairos",
+     "kairos-rocky-9.6-standard-amd64-generic-v3.5.6-k0sv1.32.8+k0s.0",
+     "quay.io/kairos/rocky:9.6-standard-amd64-generic-v3.5.6-k0sv1.32.8-k0s.0"),
+    # a pre-release Kairos version, and a k0s pre-release
+    ("ubuntu", "24.04", "standard", "arm64", "rpi4", "v3.6.1-beta1", "k0s", "v1.34.4+k0s.0", "127.0.0.1:5000/k",
+     "kairos-ubuntu-24.04-standard-arm64-rpi4-v3.6.1-beta1-k0sv1.34.4+k0s.0",
+     "127.0.0.1:5000/k/ubuntu:24.04-standard-arm64-rpi4-v3.6.1-beta1-k0sv1.34.4-k0s.0"),
+    ("debian", "12", "standard", "amd64", "generic", "v3.6.1-beta1", "k0s", "v1.35.0-rc.1+k0s.0", "ghcr.io/me/os",
+     "kairos-debian-12-standard-amd64-generic-v3.6.1-beta1-k0sv1.35.0-rc.1+k0s.0",
+     "ghcr.io/me/os/debian:12-standard-amd64-generic-v3.6.1-beta1-k0sv1.35.0-rc.1-k0s.0"),
 ]
 
 
-@pytest.mark.parametrize("flavor, release, variant, arch, device, version, k3s, registry, stem, tag", NAME_CASES)
-def test_stem_and_image_tag(flavor, release, variant, arch, device, version, k3s, registry, stem, tag):
-    full = naming.version_string(version, k3s)
+@pytest.mark.parametrize("flavor, release, variant, arch, device, version, provider, provider_version, registry, "
+                         "stem, tag", NAME_CASES)
+def test_stem_and_image_tag(flavor, release, variant, arch, device, version, provider, provider_version, registry,
+                            stem, tag):
+    full = naming.version_string(version, provider, provider_version)
     assert naming.stem(flavor, release, variant, arch, device, full) == stem
     image = naming.image_tag(registry, flavor, release, variant, arch, device, full)
     assert image == tag
@@ -48,14 +65,38 @@ def test_stem_and_image_tag(flavor, release, variant, arch, device, version, k3s
     assert naming.carrier_tag(image) == tag + "-img"
 
 
-@pytest.mark.parametrize("version, k3s, expected", [
-    ("v3.1.0", None, "v3.1.0"),
-    ("v3.1.0", "", "v3.1.0"),
-    ("v3.1.0", K3S, "v3.1.0-k3sv1.28.2+k3s1"),
-    ("v3.2.0-beta1", "v1.30.1+k3s2", "v3.2.0-beta1-k3sv1.30.1+k3s2"),
+@pytest.mark.parametrize("flavor, release, variant, arch, device, version, provider, provider_version, registry, "
+                         "stem, tag", NAME_CASES)
+def test_builds_of_a_flavor_have_those_names(make_flavor, flavor, release, variant, arch, device, version, provider,
+                                             provider_version, registry, stem, tag):
+    """The same names through the flavor -> build expansion (what `plan` and the stages use)."""
+    lists = {PROVIDERS[provider].key: (provider_version,)} if provider else {}
+    f = make_flavor(flavor=flavor, release=release, variants=(variant,), arches=(arch,), devices=(device,),
+                    version=version, registry=registry, **lists)
+    (b,) = expand((f,))
+    assert (b.stem, b.image, b.provider, b.provider_version) == (stem, tag, provider, provider_version)
+
+
+UPSTREAM_ISOS = ["kairos-hadron-v0.0.4-standard-amd64-generic-v4.0.1-k0sv1.34.4+k0s.0.iso",
+                 "kairos-rocky-9.6-standard-amd64-generic-v3.5.6-k0sv1.32.8+k0s.0.iso"]
+
+
+@pytest.mark.parametrize("name", UPSTREAM_ISOS)
+def test_upstream_k0s_release_names(name):
+    stems = [c[-2] for c in NAME_CASES]
+    assert name.removesuffix(".iso") in stems
+    assert name in naming.artifact_files(name.removesuffix(".iso"), "iso")
+
+
+@pytest.mark.parametrize("version, provider, provider_version, expected", [
+    ("v3.1.0", None, None, "v3.1.0"),
+    ("v3.1.0", "k3s", K3S, "v3.1.0-k3sv1.28.2+k3s1"),
+    ("v3.2.0-beta1", "k3s", "v1.30.1+k3s2", "v3.2.0-beta1-k3sv1.30.1+k3s2"),
+    ("v4.0.1", "k0s", "v1.34.4+k0s.0", "v4.0.1-k0sv1.34.4+k0s.0"),
+    ("v3.6.1-beta1", "k0s", "v1.34.4+k0s.0", "v3.6.1-beta1-k0sv1.34.4+k0s.0"),
 ])
-def test_version_string(version, k3s, expected):
-    assert naming.version_string(version, k3s) == expected
+def test_version_string(version, provider, provider_version, expected):
+    assert naming.version_string(version, provider, provider_version) == expected
 
 
 S = "kairos-ubuntu-23.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2+k3s1"
@@ -88,7 +129,7 @@ def test_artifact_files(kind, names):
     ("sbom", "kairos-ubuntu-23.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2+k3s1-sbom.spdx.json"),
 ])
 def test_design_examples(kind, name):
-    stem = naming.stem("ubuntu", "23.04", "standard", "arm64", "rpi4", naming.version_string("v3.1.0", K3S))
+    stem = naming.stem("ubuntu", "23.04", "standard", "arm64", "rpi4", naming.version_string("v3.1.0", "k3s", K3S))
     assert name in naming.artifact_files(stem, kind)
 
 
@@ -103,30 +144,49 @@ def test_binary_name(args, expected):
 
 # --- matrix: expand() rules ------------------------------------------------------
 
+K0S = "v1.34.4+k0s.0"
 EXPAND_CASES = [
-    # variants, k3s versions, arches, devices -> (variant, k3s, arch, device) in order
-    pytest.param(("core",), (), ("amd64", "arm64"), ("generic", "rpi3", "rpi4"),
-                 [("core", None, "amd64", "generic"), ("core", None, "arm64", "generic"),
-                  ("core", None, "arm64", "rpi3"), ("core", None, "arm64", "rpi4")], id="amd64-never-rpi"),
-    pytest.param(("core", "standard"), ("v1.28.2+k3s1", "v1.29.1+k3s1"), ("amd64",), ("generic",),
-                 [("core", None, "amd64", "generic"), ("standard", "v1.28.2+k3s1", "amd64", "generic"),
-                  ("standard", "v1.29.1+k3s1", "amd64", "generic")], id="one-standard-build-per-k3s"),
-    pytest.param(("standard",), (K3S,), ("arm64",), ("rpi4", "generic"),
-                 [("standard", K3S, "arm64", "rpi4"), ("standard", K3S, "arm64", "generic")],
+    # variants, k3s versions, k0s versions, arches, devices -> (variant, provider, version, arch, device) in order
+    pytest.param(("core",), (), (), ("amd64", "arm64"), ("generic", "rpi3", "rpi4"),
+                 [("core", None, None, "amd64", "generic"), ("core", None, None, "arm64", "generic"),
+                  ("core", None, None, "arm64", "rpi3"), ("core", None, None, "arm64", "rpi4")], id="amd64-never-rpi"),
+    pytest.param(("core", "standard"), ("v1.28.2+k3s1", "v1.29.1+k3s1"), (), ("amd64",), ("generic",),
+                 [("core", None, None, "amd64", "generic"), ("standard", "k3s", "v1.28.2+k3s1", "amd64", "generic"),
+                  ("standard", "k3s", "v1.29.1+k3s1", "amd64", "generic")], id="one-standard-build-per-k3s"),
+    pytest.param(("standard",), (K3S,), (), ("arm64",), ("rpi4", "generic"),
+                 [("standard", "k3s", K3S, "arm64", "rpi4"), ("standard", "k3s", K3S, "arm64", "generic")],
                  id="device-order-kept"),
-    pytest.param(("core",), (), ("amd64",), ("rpi4",), [], id="amd64-only-rpi4-gives-nothing"),
-    pytest.param(("standard", "core"), (K3S,), ("arm64", "amd64"), ("generic",),
-                 [("standard", K3S, "arm64", "generic"), ("standard", K3S, "amd64", "generic"),
-                  ("core", None, "arm64", "generic"), ("core", None, "amd64", "generic")], id="file-order"),
+    pytest.param(("core",), (), (), ("amd64",), ("rpi4",), [], id="amd64-only-rpi4-gives-nothing"),
+    pytest.param(("standard", "core"), (K3S,), (), ("arm64", "amd64"), ("generic",),
+                 [("standard", "k3s", K3S, "arm64", "generic"), ("standard", "k3s", K3S, "amd64", "generic"),
+                  ("core", None, None, "arm64", "generic"), ("core", None, None, "amd64", "generic")], id="file-order"),
+    pytest.param(("standard",), (), (K0S, "v1.33.4+k0s.1"), ("amd64",), ("generic",),
+                 [("standard", "k0s", K0S, "amd64", "generic"),
+                  ("standard", "k0s", "v1.33.4+k0s.1", "amd64", "generic")],
+                 id="one-standard-build-per-k0s"),
+    pytest.param(("core", "standard"), (K3S,), (K0S,), ("amd64", "arm64"), ("generic",),
+                 [("core", None, None, "amd64", "generic"), ("core", None, None, "arm64", "generic"),
+                  ("standard", "k3s", K3S, "amd64", "generic"), ("standard", "k3s", K3S, "arm64", "generic"),
+                  ("standard", "k0s", K0S, "amd64", "generic"), ("standard", "k0s", K0S, "arm64", "generic")],
+                 id="k3s-then-k0s"),
+    pytest.param(("core",), (), (K0S,), ("amd64",), ("generic",), [("core", None, None, "amd64", "generic")],
+                 id="core-has-no-provider"),
 ]
 
 
-@pytest.mark.parametrize("variants, k3s, arches, devices, expected", EXPAND_CASES)
-def test_expand(make_flavor, variants, k3s, arches, devices, expected):
-    f = make_flavor(variants=variants, k3s_versions=k3s, arches=arches, devices=devices)
+@pytest.mark.parametrize("variants, k3s, k0s, arches, devices, expected", EXPAND_CASES)
+def test_expand(make_flavor, variants, k3s, k0s, arches, devices, expected):
+    f = make_flavor(variants=variants, k3s_versions=k3s, k0s_versions=k0s, arches=arches, devices=devices)
     builds = expand((f,))
-    assert [(b.variant, b.k3s_version, b.arch, b.device) for b in builds] == expected
+    assert [(b.variant, b.provider, b.provider_version, b.arch, b.device) for b in builds] == expected
     assert all(b.flavor is f for b in builds)
+    assert len({b.stem for b in builds}) == len(builds)
+
+
+@pytest.mark.parametrize("provider, provider_version", [("k3s", None), (None, K3S), ("rke2", "v1.30.0+rke2r1")])
+def test_a_build_has_a_known_provider_and_its_version_or_neither(make_flavor, provider, provider_version):
+    with pytest.raises(ValueError, match="a build needs a known provider and its version, or neither"):
+        Build(make_flavor(), "standard", "amd64", "generic", provider=provider, provider_version=provider_version)
 
 
 def test_expand_keeps_flavor_order(make_flavor):

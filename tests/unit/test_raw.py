@@ -299,7 +299,7 @@ def builtin_script_lines() -> list[str]:
     f = Flavor(path=Path("x.yaml"), flavor="debian", release="12", base_image="debian:12", version="v3.1.0",
                variants=("core",), k3s_versions=(), arches=("arm64",), devices=("rpi4",), converter="builtin",
                kairos_init_image=None, registry="r/k", artifacts=("raw",))
-    return builtin_install_script(Build(f, "core", None, "arm64", "rpi4")).splitlines()
+    return builtin_install_script(Build(f, "core", "arm64", "rpi4")).splitlines()
 
 
 # --- generic (amd64 EFI) boot partition ------------------------------------------------------

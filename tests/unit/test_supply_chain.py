@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from tasks.matrix import expand
 from tasks.model import ScanOptions, SignOptions
 from tasks.run import KairosError
-from tasks.stages import scan, sign
+from tasks.stages import convert, manifest, scan, sign
+from tasks.stages.manifest import release_notes
 from tasks.stages.sbom import syft_argv
 from tasks.state import Paths
 
@@ -154,3 +156,37 @@ def test_provenance_predicate_shape(make_build):
     assert p["buildDefinition"]["resolvedDependencies"] == deps
     assert p["buildDefinition"]["externalParameters"]["kairos_init_flags"][-2:] == ["--version", "v3.1.0"]
     assert p["runDetails"]["metadata"] == {"startedOn": "t0", "finishedOn": "t1"}
+
+
+@pytest.mark.parametrize("variant, provider_version, provider, flags", [
+    ("core", None, None, []),
+    ("standard", "v1.28.2+k3s1", "k3s", ["-p", "k3s", "--provider-k3s-version", "v1.28.2+k3s1"]),
+    ("standard", "v1.34.4+k0s.0", "k0s", ["-p", "k0s", "--provider-k0s-version", "v1.34.4+k0s.0"]),
+])
+def test_provenance_and_manifest_name_the_provider_and_its_version(make_build, tmp_path, variant,
+                                                                     provider_version, provider, flags):
+    b = make_build(variant, provider_version, artifacts=())
+    params = sign.provenance(b, [], "t0", "t1")["buildDefinition"]["externalParameters"]
+    assert (params["provider"], params["provider_version"]) == (provider, provider_version)
+    assert params["kairos_init_flags"] == ["-m", "generic", "-t", "false", *flags, "--version", "v3.1.0"]
+    paths = Paths(tmp_path / "s", tmp_path / "o")
+    for digest_file in (paths.resolved(b.base.ident), paths.resolved(convert.init_ident(b)), paths.image_id(b),
+                        paths.pushed(b)):
+        digest_file.parent.mkdir(parents=True, exist_ok=True)
+        digest_file.write_text("sha256:" + "c" * 64 + "\n")
+    record = manifest.build_record(paths, b)
+    assert (record["provider"], record["provider_version"]) == (provider, provider_version)
+    assert record["inputs"]["flags"] == params["kairos_init_flags"]
+
+
+def test_release_notes_list_each_provider_and_its_versions(make_flavor):
+    f = make_flavor(variants=("core", "standard"), k3s_versions=("v1.29.1+k3s1", "v1.28.2+k3s1"),
+                    k0s_versions=("v1.34.4+k0s.0",), arches=("amd64", "arm64"))
+    builds = expand((f,))
+    records = [{"stem": b.stem, "image_digest": "sha256:" + "a" * 64, "outputs": []} for b in builds]
+    text = release_notes("v3.1.0", builds, records, {})
+    section = text.split("## Providers\n\n", 1)[1].split("\n\n", 1)[0]
+    assert section.splitlines() == ["- k3s v1.28.2+k3s1", "- k3s v1.29.1+k3s1", "- k0s v1.34.4+k0s.0"]
+    core = [b for b in builds if b.variant == "core"]
+    text = release_notes("v3.1.0", core, records[:len(core)], {})
+    assert "## Providers\n\n- none (core images only)\n" in text
