@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from doit.dependency import UptodateCalculator
 from doit.exceptions import TaskError, TaskFailed
 from doit.tools import config_changed
 from doit.reporter import ConsoleReporter
@@ -23,7 +24,7 @@ from .config import load_flavors
 from .matrix import Build, duplicate_problems, expand, parse_shard, shard
 from .model import ConfigError, Flavor
 from .run import KairosError, UsageError
-from .state import Paths
+from .state import Paths, file_identity, same_identity
 
 
 @dataclass(frozen=True)
@@ -88,14 +89,77 @@ def action(fn, *args):
     return (_guarded, (fn, args))
 
 
-def task(name: str, doc: str, act, *, file_dep=(), targets=(), key: str | None = None, **more) -> dict:
-    """One doit subtask: ``act`` (made by `action`), file dependencies and targets (paths),
-    `config_changed(key)` when ``key`` is given; `doit clean` removes the targets. Output
-    verbosity is DOIT_CONFIG's (see doit_config)."""
+TARGETS_VALUE = "_targets"  # the task value holding {target: file_identity} after a success
+
+
+class targets_unchanged(UptodateCalculator):
+    """doit `uptodate`: a task is out of date when one of its targets is no longer what it
+    wrote. doit itself checks only `file_dep` and that targets exist, so a corrupted or
+    replaced artifact would be judged up to date.
+
+    After each successful run the identity (`state.file_identity`: size and mtime, one stat)
+    of every target is saved with the task's values; the check compares it and returns False
+    on a difference, else None (no opinion: doit decides as before, so a task without
+    file_dep still always runs). doit's missing-target check covers deleted targets
+    (`doit clean` included). A task doit has a success record for but without saved
+    identities (state of an older pipeline, e.g. a restored CI cache) adopts its existing
+    targets as they are, without a rebuild: the identities are written into doit's DB
+    during the check, and from then on compared. What a `.sha256` covers is not re-hashed.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.dep_manager = None
+
+    def setup(self, dep_manager, tasks_dict):
+        super().setup(dep_manager, tasks_dict)
+        self.dep_manager = dep_manager
+
+    def configure_task(self, task):
+        task.value_savers.append(lambda: {TARGETS_VALUE: identities(task.targets)})
+
+    def __call__(self, task, values):
+        recorded = values.get(TARGETS_VALUE) or {}
+        adopt = {}
+        for target in task.targets:
+            if target not in recorded:
+                current = file_identity(target)
+                if current is not None:
+                    adopt[target] = current
+            elif not same_identity(recorded[target], file_identity(target)):
+                return False
+        if adopt and self.dep_manager is not None and self.get_val(task.name, "checker:") is not None:
+            self.dep_manager._set(task.name, "_values_:", {**values, TARGETS_VALUE: {**recorded, **adopt}})
+        return None
+
+    def __repr__(self):
+        return "targets_unchanged()"
+
+
+def identities(targets) -> dict[str, list[int]]:
+    """Target -> `file_identity` of the targets that exist."""
+    out = {}
+    for target in targets:
+        current = file_identity(target)
+        if current is not None:
+            out[target] = current
+    return out
+
+
+def task(name: str, doc: str, act, *, file_dep=(), targets=(), key: str | None = None, uptodate=(),
+         **more) -> dict:
+    """One doit subtask: ``act`` (made by `action`), file dependencies and targets (paths);
+    out of date also when `config_changed(key)` (``key`` given), any of ``uptodate`` says so,
+    or a target is no longer what the task wrote (`targets_unchanged`; not added when
+    ``uptodate`` holds False: the task always runs). `doit clean` removes the targets.
+    Output verbosity is DOIT_CONFIG's (see doit_config)."""
+    checks = ([config_changed(key)] if key is not None else []) + list(uptodate)
+    if targets and not any(c is False for c in checks):
+        checks.append(targets_unchanged())
     out = {"name": name, "doc": doc, "actions": [act], "file_dep": [str(p) for p in file_dep],
            "targets": [str(p) for p in targets], "clean": True}
-    if key is not None:
-        out["uptodate"] = [config_changed(key)]
+    if checks:
+        out["uptodate"] = checks
     out.update(more)
     return out
 

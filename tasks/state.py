@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,6 +205,48 @@ def write_if_changed(path: Path, text: str) -> bool:
         return False
     write_text_atomic(path, text)
     return True
+
+
+def file_identity(path) -> list[int] | None:
+    """What the run-to-run check of a task's targets compares (`graph.targets_unchanged`):
+    ``[size, mtime_ns]`` of a file, ``[]`` of a directory (only its presence counts: its
+    mtime moves with its entries), None when it is missing. One stat, never a hash.
+
+    Why these two and not the inode or ctime: a CI cache restore (actions/cache's tar,
+    GitLab's zip, `cp -a` in ci/reproduce.sh) re-creates every file, so inode and ctime
+    always change and would rebuild everything, while the size and the modification time
+    come back. A byte changed in place moves the mtime to the time of the edit; a truncated
+    file changes size; an older copy of the same size carries another mtime (its own,
+    or the time of the copy); a deleted file is missing. Not seen: an edit whose mtime is
+    set back afterwards (`touch -r`); `doit verify` hashes against the `.sha256`. A restore
+    that does not keep mtimes makes every output look replaced: everything rebuilds.
+    """
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return []
+    return [st.st_size, st.st_mtime_ns]
+
+
+def same_identity(recorded: list[int] | None, current: list[int] | None) -> bool:
+    """Whether a target still is what its task wrote (``file_identity`` values).
+
+    Equal, or the same size with the recorded mtime cut to a coarser resolution (rounded
+    down or up to 100 ns, a microsecond, ..., a whole second): that is how archives that
+    keep coarser times restore it (GitLab's zip cache keeps whole seconds, Go's tar rounds
+    to the nearest second). An edit after the build is missed only if it lands within the
+    same second on a timestamp that is a whole multiple of the resolution.
+    """
+    if recorded is None or current is None or len(recorded) != len(current):
+        return recorded == current
+    if recorded == current:
+        return True
+    if len(recorded) != 2 or recorded[0] != current[0]:
+        return False
+    was, now = recorded[1], current[1]
+    return any(now % grain == 0 and abs(now - was) < grain for grain in (10 ** k for k in range(2, 10)))
 
 
 def read_digest(path: Path) -> str:

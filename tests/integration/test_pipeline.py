@@ -7,6 +7,7 @@ changes an input first checks that the previous state is fully up to date.
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import zlib
@@ -184,6 +185,64 @@ def test_new_base_image_under_same_tag_reconverts_its_users(workspace, first_run
     assert result.build_actions == expected
     assert run_in_image(engine, users[0].image, "cat", "/etc/base-version") == "v2\n"
     assert_noop(workspace)
+
+
+def file_states(ws: Workspace) -> dict[str, tuple[int, int, int]]:
+    """Every file under outputs/ and every digest file of the state -> (size, mtime_ns, inode):
+    a file rewritten, touched or replaced shows up."""
+    paths = [p for p in ws.outputs.rglob("*") if p.is_file()] + list(ws.state.rglob("*.digest"))
+    return {str(p): (st.st_size, st.st_mtime_ns, st.st_ino) for p in paths for st in [p.stat()]}
+
+
+def flip_byte(path: Path) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(path.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0x01]))
+
+
+def older_same_size_copy(path: Path) -> None:
+    """Replace ``path`` by other bytes of the same size carrying an older mtime (`cp -p` of an
+    older build's file)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    older = path.with_name(path.name + ".older")
+    older.write_bytes(bytes(data))
+    then = path.stat().st_mtime_ns - 3600 * 10**9
+    os.utime(older, ns=(then, then))
+    os.replace(older, path)
+
+
+def test_a_damaged_kernel_is_rebuilt_alone(workspace, first_run):
+    """Issue #13: doit's targets are checked on every run (size and mtime recorded when the task
+    succeeded). A built `<stem>-kernel` with one byte flipped in place, truncated, replaced by an
+    older copy of the same size, deleted: each time a plain `doit` runs exactly `kernel:<stem>`.
+    The kernel comes back with the same bytes, so its `.sha256` has the same content and what
+    depends on it (here the manifest: manifest.json, SHA256SUMS, RELEASE.md; this workspace
+    builds no ISO, raw image or signatures) stays up to date. Every other file is untouched."""
+    assert_noop(workspace)
+    (c,) = builds(workspace)["c"]
+    kernel = workspace.outputs / "v3.1.0" / f"{c.stem}-kernel"
+    checksum = kernel.with_name(kernel.name + ".sha256")
+    good, good_line = hashlib.sha256(kernel.read_bytes()).hexdigest(), checksum.read_text()
+    assert good_line.split() == [good, kernel.name]
+    damages = {"byte flipped": flip_byte, "truncated": lambda p: os.truncate(p, p.stat().st_size // 2),
+               "older copy, same size": older_same_size_copy, "deleted": Path.unlink}
+    for what, damage in damages.items():
+        before = file_states(workspace)
+        damage(kernel)
+        assert not kernel.exists() or hashlib.sha256(kernel.read_bytes()).hexdigest() != good
+        result = workspace.doit()
+        assert result.rc == 0, result.err
+        assert result.build_actions == {f"kernel:{c.stem}"}, what
+        assert hashlib.sha256(kernel.read_bytes()).hexdigest() == good, what
+        assert checksum.read_text() == good_line, what
+        rewritten = {str(kernel), str(checksum)}
+        after = file_states(workspace)
+        assert {k: v for k, v in after.items() if k not in rewritten} == \
+               {k: v for k, v in before.items() if k not in rewritten}, what
+        assert_noop(workspace)
 
 
 def test_fresh_daemon_state_pulls_image_back_from_registry(workspace, first_run, engine):
