@@ -44,9 +44,11 @@ def test_every_build_has_its_stage_subtasks(ctx, listed):
             assert f"{stage}:{b.stem}" in listed
         assert (f"iso:{b.stem}" in listed) == (b.device == "generic")
         assert (f"ipxe:{b.stem}" in listed) == (b.device == "generic" and b.arch == "amd64")
-        assert (f"raw:{b.stem}" in listed) == (b.device == "rpi4")
+        for stage in ("raw", "xz", "carrier"):  # raw_compression: xz by default
+            assert (f"{stage}:{b.stem}" in listed) == (b.device == "rpi4")
     assert "iso:kairos-ubuntu-24.04-core-amd64-generic-v3.1.0" in listed
     assert "raw:kairos-ubuntu-24.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2+k3s1" in listed
+    assert "xz:kairos-ubuntu-24.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2+k3s1" in listed
     assert not any("amd64-rpi" in name for name in listed)
 
 
