@@ -52,6 +52,20 @@ def test_every_build_has_its_stage_subtasks(ctx, listed):
     assert not any("amd64-rpi" in name for name in listed)
 
 
+def test_carrier_is_keyed_on_the_compressed_image_only(ctx):
+    """The carrier of an rpi4 build depends on `<stem>.img.xz.sha256`, which the xz task writes, and
+    on nothing of the converted image: a new image digest with the same disk image rebuilds nothing."""
+    from tasks.stages import carrier, xz
+
+    shas = {t["name"]: t["file_dep"] for t in carrier.tasks(ctx)}
+    targets = {t["name"]: t["targets"] for t in xz.tasks(ctx, "xz")}
+    rpi = [b for b in ctx.builds if b.device == "rpi4"]
+    assert sorted(shas) == sorted(targets) == sorted(b.stem for b in rpi)
+    for b in rpi:
+        assert shas[b.stem] == [str(ctx.paths.version_dir("v3.1.0") / f"{b.stem}.img.xz.sha256")]
+        assert shas[b.stem][0] in targets[b.stem]
+
+
 def test_one_resolve_per_reference_and_one_pull_per_arch(ctx, listed):
     resolves = sorted(n for n in listed if n.startswith("resolve:"))
     # 5 distinct bases + the one kairos-init image they share
