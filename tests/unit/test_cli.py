@@ -148,10 +148,10 @@ def test_python_m_tasks_plan_upstream():
     proc = _python_m_tasks("plan", "--flavors", "flavors/upstream", "--json")
     assert proc.returncode == 0, proc.stderr
     builds = json.loads(proc.stdout)["builds"]
-    assert len(builds) == 24
+    assert len(builds) == 28
     assert all(b["stem"].startswith("kairos-") for b in builds)
     assert not [b["stem"] for b in builds if b["arch"] == "amd64" and b["device"] in ("rpi3", "rpi4")]
-    assert len({b["stem"] for b in builds}) == 24
+    assert len({b["stem"] for b in builds}) == 28
     assert all("+" not in b["image"] for b in builds)
     assert all(b["flavor_file"].startswith("flavors/upstream/") for b in builds)
     for b in builds:
@@ -181,7 +181,13 @@ def test_plan_markdown_support_matrix_of_the_shipped_flavors(capsys):
     assert page.startswith("# Image support matrix\n")
     rows = [l for l in page.splitlines() if l.startswith("| ") and "`quay.io/kairos/" in l and " | `" in l
             and l.count("|") == 8]
-    assert [r.split(" | ")[0][2:] for r in rows] == ["alpine", "debian", "fedora", "opensuse", "ubuntu"]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["alpine", "debian", "fedora", "opensuse", "rockylinux",
+                                                     "ubuntu"]
+    rocky = next(r for r in rows if r.startswith("| rockylinux | 9 |"))
+    assert "| amd64, arm64 | generic | `quay.io/kairos/rockylinux` |" in rocky and "raw" not in rocky
+    assert "## rockylinux 9" in page
+    assert "`quay.io/kairos/rockylinux:9-standard-arm64-generic-v3.1.0-k3sv1.28.2-k3s1` | " in page
+    assert "`kairos-rockylinux-9-core-amd64-generic-v3.1.0.iso`" in page
     ubuntu = next(r for r in rows if r.startswith("| ubuntu | 24.04 |"))
     assert "core, standard (k3s v1.28.2+k3s1)" in ubuntu and "generic, rpi4 (arm64)" in ubuntu
     assert "`quay.io/kairos/ubuntu:24.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2-k3s1` | " in page
