@@ -1,5 +1,6 @@
-"""Release shape: a raw image pushed as an `-img` OCI carrier image and extracted
-again with the command RELEASE.md prints; RELEASE.md lists artifacts and commands."""
+"""Release shape: a raw image pushed as an `-img` OCI carrier image holding `build/<stem>.img.xz` and
+extracted again with the commands RELEASE.md prints (real crane, and the docker alternative);
+RELEASE.md lists artifacts and commands."""
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +15,7 @@ from tasks import naming
 from tasks.config import load_flavors
 from tasks.matrix import expand
 
-from tests.harness import LZ4, Workspace, builtin_doc, write_flavor
+from tests.harness import LZ4, Workspace, builtin_doc, crane, crane_listing, write_flavor, xz_content_sha256
 
 pytestmark = pytest.mark.integration
 CLOUD_CONFIG = "#cloud-config\nusers:\n  - name: kairos\n    passwd: kairos\n"
@@ -42,16 +43,6 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def unpacked_image_sha256(xz_file: Path) -> str:
-    """sha256 of the decompressed disk image, streamed (xz -dc | hashlib)."""
-    h = hashlib.sha256()
-    with subprocess.Popen(["xz", "-dc", "--", str(xz_file)], stdout=subprocess.PIPE) as proc:
-        for block in iter(lambda: proc.stdout.read(1 << 20), b""):
-            h.update(block)
-    assert proc.returncode == 0
-    return h.hexdigest()
-
-
 def files_under(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
 
@@ -75,7 +66,36 @@ def test_raw_image_round_trips_through_its_carrier_image(rel, engine, tmp_path):
     out = ws.outputs / "v3.1.0"
     assert sha256_of(tmp_path / "build" / name) == (out / f"{name}.sha256").read_text().split()[0]
     subprocess.run(["xz", "--test", str(tmp_path / "build" / name)], check=True)
-    assert unpacked_image_sha256(tmp_path / "build" / name) == (out / f"{b.stem}.img.sha256").read_text().split()[0]
+    assert xz_content_sha256(tmp_path / "build" / name) == (out / f"{b.stem}.img.sha256").read_text().split()[0]
+
+
+def test_crane_export_of_the_carrier_gives_build_img_xz(rel, tmp_path):
+    """As a new user would, with real crane against the local registry: the crane line RELEASE.md gives
+    (`crane export --insecure <ref> - | tar -xvf -`) leaves `build/<stem>.img.xz`, which passes `xz -t`
+    and holds the disk image whose sha256 `<stem>.img.sha256` gives."""
+    crane()
+    ws, b, _ = rel
+    out = ws.outputs / "v3.1.0"
+    pushed = (ws.state / "carrier" / f"{b.stem}.digest").read_text().strip()
+    ref = naming.pinned(naming.carrier_tag(b.image), pushed)
+    name = f"{b.stem}.img.xz"
+    # by tag, as the image support matrix page tells users: one file under build/
+    listing = crane_listing(naming.carrier_tag(b.image))
+    print(f"crane export --insecure {naming.carrier_tag(b.image)} - | tar -tvf -\n{listing}")
+    assert [line.split()[-1] for line in listing.splitlines() if not line.startswith("d")] == [f"build/{name}"]
+    notes = (out / "RELEASE.md").read_text()
+    lines = [line for line in notes.splitlines() if line.startswith("crane export ")]
+    assert lines == [f"crane export --insecure {ref} - | tar -xvf -"]
+    unpacked = subprocess.run(["bash", "-o", "pipefail", "-c", lines[0]], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=1800, stdin=subprocess.DEVNULL)
+    assert unpacked.returncode == 0, unpacked.stderr
+    assert f"build/{name}" in unpacked.stdout.split()  # tar -v named it
+    assert files_under(tmp_path) == [f"build/{name}"]
+    got = tmp_path / "build" / name
+    assert subprocess.run(["xz", "-t", str(got)], capture_output=True).returncode == 0
+    assert sha256_of(got) == (out / f"{name}.sha256").read_text().split()[0]
+    assert xz_content_sha256(got) == (out / f"{b.stem}.img.sha256").read_text().split()[0]
+    print(f"{b.stem}.img: {(out / f'{b.stem}.img').stat().st_size} bytes; {name}: {got.stat().st_size} bytes")
 
 
 def test_release_notes_list_every_artifact_with_size_and_sha256(rel):
