@@ -153,8 +153,9 @@ def release_notes(version: str, builds: list[Build], records: list[dict], carrie
     if carriers:
         out += ["", "## Raw disk images as OCI images", "",
                 f"Each raw disk image is also pushed as an image `FROM scratch` holding only "
-                f"`{carrier.DIRECTORY}/<file>`. Unpack it with [crane](https://github.com/google/go-containerregistry) "
-                f"into `{carrier.DIRECTORY}/` in the current directory and write it to a disk or SD card "
+                f"`{carrier.DIRECTORY}/<file>`. Unpack it with crane (Go module "
+                f"`github.com/google/go-containerregistry/cmd/crane`) into `{carrier.DIRECTORY}/` in the current "
+                f"directory and write it to a disk or SD card "
                 f"(replace `{carrier.DEVICE}`), or take `{carrier.DIRECTORY}/` out with the docker CLI instead of crane:"]
         for name, ref in sorted(carriers.items()):
             lines = carrier.extract_commands(ref, name)
