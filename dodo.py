@@ -73,7 +73,7 @@ def task_verify():
 
 
 def task_carrier():
-    """Push each raw <stem>.img as the OCI image <repo>:<tag>-img (FROM scratch, the file only)."""
+    """Push each raw image as the OCI image <repo>:<tag>-img (FROM scratch, build/<stem>.img.xz only)."""
     yield from carrier.tasks(CTX)
 
 

@@ -13,7 +13,7 @@ die() { echo "setup: error: $*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (it installs Debian packages and starts dockerd)"
 
-APT_PACKAGES=(docker.io docker-registry mmdebstrap arch-test squashfs-tools tar curl ca-certificates
+APT_PACKAGES=(docker.io docker-registry mmdebstrap arch-test squashfs-tools tar xz-utils curl ca-certificates
   grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools dosfstools e2fsprogs fdisk ipxe
   qemu-system-x86 qemu-system-arm qemu-efi-aarch64 ovmf qemu-user-static binfmt-support zstd shellcheck git socat efitools sbsigntool
   systemd-boot-efi binutils cpio faketime swtpm libtss2-esys-3.0.2-0 libtss2-mu0 libtss2-rc0)
@@ -70,11 +70,12 @@ if ! "$PY" -c 'import doit, docker, yaml, pytest, hypothesis, cryptography' 2>/d
   "$PY" -m pip install -q --disable-pip-version-check -e '.[test,tools]'
 fi
 
-# cosign, grype, actionlint: go install at pinned versions (into /usr/local/bin)
+# cosign, grype, actionlint, crane: go install at pinned versions (into /usr/local/bin)
 GO_TOOLS=(
   "cosign v2.6.5 github.com/sigstore/cosign/v2/cmd/cosign"
   "grype v0.110.0 github.com/anchore/grype/cmd/grype"  # newer ones need modules the proxy refuses
   "actionlint v1.7.7 github.com/rhysd/actionlint/cmd/actionlint"  # lints ci/github-actions.yml in the tests
+  "crane v0.22.1 github.com/google/go-containerregistry/cmd/crane"  # unpacks -img carriers in the tests
 )
 for entry in "${GO_TOOLS[@]}"; do
   read -r name version module <<<"$entry"

@@ -19,7 +19,7 @@ from .providers import PROVIDERS, next_versions
 from .config import load_flavors
 from .model import ConfigError
 from .graph import flavor_sources, select_builds
-from .kinds import ARTIFACT_KINDS, KINDS
+from .kinds import KINDS
 from .matrix import Build
 from .run import KairosError
 from .state import Paths, read_digest, safe_id
@@ -74,7 +74,7 @@ def render_markdown(builds: list[Build]) -> str:
         devices = ", ".join(sorted({f"{b.device} ({b.arch})" if b.device != "generic" else "generic"
                                     for b in flavor_builds}))
         present = {k for b in flavor_builds for k in b.kinds}
-        kinds = [k for k in ARTIFACT_KINDS if k in present]
+        kinds = [k for k in KINDS if k in present]
         out.append(f"| {f.flavor} | {f.release} | {variants} | {', '.join(f.arches)} | {devices} | "
                    f"`{f.registry}/{f.flavor}` | {', '.join(kinds)} |")
     for flavor_builds in by_flavor.values():

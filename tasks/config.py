@@ -21,7 +21,7 @@ import yaml
 from .providers import PROVIDERS, Provider, next_versions
 from .kinds import ARTIFACT_KINDS
 from .model import (
-    ARCHES, BUILDERS, FIRMWARES, BootOptions, CONVERTERS, DEFAULT_AURORABOOT_IMAGE, DEVICES,
+    ARCHES, BUILDERS, FIRMWARES, RAW_COMPRESSIONS, BootOptions, CONVERTERS, DEFAULT_AURORABOOT_IMAGE, DEVICES,
     MMDEBSTRAP_VARIANTS, POLICIES, REF_RE, REPO_RE, SEVERITIES, SQUASHFS_COMPRESSORS, VARIANTS, BuiltinOptions,
     ConfigError, ENROLL, Flavor, MmdebstrapBase, SECURE_BOOT_FILES, ScanOptions, SignOptions, SquashfsOptions,
     TrustedBoot, parse_ref)
@@ -462,6 +462,7 @@ TOP: dict[str, Check] = {
     "trusted_boot": _trusted_boot,
     "fips": _BOOL,
     "raw_generic": _BOOL,
+    "raw_compression": _choice(RAW_COMPRESSIONS, "raw compression"),
     "builtin": _section(BuiltinOptions, BUILTIN),
     "squashfs": _section(SquashfsOptions, SQUASHFS),
     "builder": _choice(BUILDERS, "builder"),
@@ -589,6 +590,12 @@ def raw_needs_rpi_or_raw_generic(c: _Checker, v: SimpleNamespace) -> None:
                   "to build them for generic too")
 
 
+def raw_compression_needs_raw(c: _Checker, v: SimpleNamespace) -> None:
+    """raw_compression is only read for raw images."""
+    if "raw_compression" in c.doc and v.artifacts is not None and "raw" not in v.artifacts:
+        c.problem("raw_compression", "only used with the raw artifact, which artifacts does not list")
+
+
 def trusted_boot_needs_generic(c: _Checker, v: SimpleNamespace) -> None:
     """Trusted boot exists for generic devices only."""
     if v.trusted_boot and v.devices and any(d != "generic" for d in v.devices):
@@ -614,8 +621,8 @@ RULES: tuple[Callable[[_Checker, SimpleNamespace], None], ...] = (
     provider_policy_needs_policy, builtin_needs_builtin_converter, grype_needs_vulnerabilities, sign_needs_key,
     ipxe_needs_netboot_url, kairos_init_needs_pinned_image, kairos_init_image_needs_kairos_init,
     standard_needs_provider_versions, standard_needs_kairos_init, provider_versions_need_standard,
-    devices_need_their_arch,
-    mmdebstrap_arch_serves_arches, raw_needs_rpi_or_raw_generic, trusted_boot_needs_generic, uki_needs_keys,
+    devices_need_their_arch, mmdebstrap_arch_serves_arches, raw_needs_rpi_or_raw_generic, raw_compression_needs_raw,
+    trusted_boot_needs_generic, uki_needs_keys,
 )
 
 

@@ -6,6 +6,9 @@ builds it applies to (the matrix rules), the kinds it is built from, the stage
 module that builds it and the programs that stage runs. `PROGRAMS` says which
 package provides each program and how to ask its version.
 
+A kind with `implied_by` is not listed by flavors: a build gets it with any of those kinds,
+when its own matrix rule says so (`xz`: the compressed raw image, by `raw_compression`).
+
 Everything else derives from here: the allowed `artifacts:` values, file names
 (`naming.artifact_files`), the matrix (`Build.kinds`), preflight's tool list, the
 manifest's tool versions, `plan`, and the doit tasks of dodo.py (one task per kind,
@@ -64,6 +67,7 @@ PROGRAMS: dict[str, Program] = {
                       ("cosign", "version")),
     "grype": Program("the Go module github.com/anchore/grype (bash ci/setup.sh runs go install)",
                      ("grype", "version")),
+    "xz": Program("Debian package xz-utils", ("xz", "--version")),
     "openssl": Program("Debian package openssl", ("openssl", "version")),
     "cert-to-efi-sig-list": Program("Debian package efitools", ("cert-to-efi-sig-list", "--version")),
     "sign-efi-sig-list": Program("Debian package efitools", ("sign-efi-sig-list", "--version")),
@@ -121,6 +125,7 @@ class Kind:
     built_from: tuple[str, ...] = ()          # kinds it is made of (they are built too) ...
     built_from_when: Callable = _always       # ... for the builds this says
     requires_any: tuple[str, ...] = ()        # kept only when the build gets one of these kinds
+    implied_by: tuple[str, ...] = ()          # not listed by flavors: comes with one of these kinds
     needs: tuple[Need, ...] = ()
     also_writes: tuple[str, ...] = ()         # other per-build files its stage writes (not artifacts)
 
@@ -171,6 +176,10 @@ REGISTRY: tuple[Kind, ...] = (
                      lambda b: native(b) and board(b)),
                 Need("grub-mkstandalone", "build the GRUB EFI loader of the generic raw disk image",
                      lambda b: native(b) and not board(b)))),
+    Kind("xz", "Compress <stem>.img to <stem>.img.xz (xz, multi-threaded, reproducible; raw_compression: xz).",
+         stage="xz", suffixes=(".img.xz",), checksummed=True, implied_by=("raw",), built_from=("raw",),
+         applies=lambda b: b.flavor.raw_compression == "xz",
+         needs=(Need("xz", "compress the raw disk image and check the compressed file"),)),
     Kind("ipxe", "Write <stem>.ipxe, <stem>-ipxe.iso and <stem>-ipxe-usb.img (netboot; amd64 generic).",
          stage="ipxe", suffixes=(".ipxe", "-ipxe.iso", "-ipxe-usb.img"), checksummed=True,
          devices=("generic",), arches=("amd64",),  # the media start Debian's BIOS iPXE
@@ -225,7 +234,7 @@ REGISTRY: tuple[Kind, ...] = (
 )
 
 KINDS: dict[str, Kind] = {k.name: k for k in REGISTRY}
-ARTIFACT_KINDS: tuple[str, ...] = tuple(KINDS)
+ARTIFACT_KINDS: tuple[str, ...] = tuple(k.name for k in REGISTRY if not k.implied_by)  # `artifacts:` values
 
 
 def boot_file_names(stem: str) -> tuple[str, ...]:

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 
 from . import naming
-from .kinds import ARTIFACT_KINDS, KINDS
+from .kinds import KINDS
 from .model import DEVICES, Flavor, MmdebstrapBase
 from .providers import PROVIDERS
 from .state import safe_id
@@ -57,11 +57,13 @@ class Build:
     @property
     def kinds(self) -> tuple[str, ...]:
         """Artifact kinds this build produces: the flavor's list with the registry's matrix
-        rules applied, plus the kinds they are built from, in registry order."""
+        rules applied, plus the kinds they are built from and the kinds they imply, in
+        registry order."""
         wanted = {name for name in self.flavor.artifacts if KINDS[name].for_build(self)}
         wanted |= {src for name in wanted for src in KINDS[name].inputs(self)}
+        wanted |= {k.name for k in KINDS.values() if set(k.implied_by) & wanted and k.for_build(self)}
         wanted = {k for k in wanted if not KINDS[k].requires_any or set(KINDS[k].requires_any) & wanted}
-        return tuple(k for k in ARTIFACT_KINDS if k in wanted)
+        return tuple(k for k in KINDS if k in wanted)
 
     def files(self) -> dict[str, list[str]]:
         """Kind -> its file names for this build (kinds that write no files left out)."""

@@ -20,6 +20,7 @@ DEVICES = {"generic": ("amd64", "arm64"), "rpi3": ("arm64",), "rpi4": ("arm64",)
 CONVERTERS = ("kairos-init", "builtin")
 SQUASHFS_COMPRESSORS = ("gzip", "xz", "zstd", "lz4", "lzo")
 BUILDERS = ("native", "auroraboot")
+RAW_COMPRESSIONS = ("xz", "none")  # how raw images are published: <stem>.img.xz, or the .img alone
 DEFAULT_AURORABOOT_IMAGE = "quay.io/kairos/auroraboot:v0.19.4"
 SEVERITIES = ("UNKNOWN", "LOW", "MEDIUM", "HIGH", "CRITICAL")
 POLICIES = ("report-only", "enforce")
@@ -160,6 +161,7 @@ class Flavor:
     trusted_boot: TrustedBoot | None = None   # None: false
     fips: bool = False
     raw_generic: bool = False
+    raw_compression: str = "xz"        # xz: also <stem>.img.xz, and the -img carrier holds it (as upstream)
     builtin: BuiltinOptions = field(default_factory=BuiltinOptions)
     squashfs: SquashfsOptions = field(default_factory=SquashfsOptions)
     builder: str = "native"

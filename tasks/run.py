@@ -82,12 +82,15 @@ def run(
     feed: Iterable[bytes] | None = None,
     show: bool = False,
     capture: bool = False,
+    stdout: str | os.PathLike | None = None,
 ) -> str:
     """Run ``argv`` and return its output (stdout+stderr) if ``capture``.
 
-    ``feed`` streams bytes into stdin (else stdin is closed). ``show`` echoes the
-    program's output live (long steps); otherwise only a heartbeat line is printed
-    every HEARTBEAT_SECONDS so long steps never look hung.
+    ``feed`` streams bytes into stdin (else stdin is closed). ``stdout`` names a file
+    that receives the program's standard output (e.g. `xz --stdout`); its output is then
+    its standard error alone. ``show`` echoes the program's output live (long steps);
+    otherwise only a heartbeat line is printed every HEARTBEAT_SECONDS so long steps
+    never look hung.
     """
     argv = [str(a) for a in argv]
     if verbose():
@@ -96,24 +99,29 @@ def run(
     if env is not None:
         full_env = dict(os.environ)
         full_env.update(env)
+    sink = open(stdout, "wb") if stdout is not None else None
     try:
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE if feed is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stdout=sink if sink is not None else subprocess.PIPE,
+            stderr=subprocess.PIPE if sink is not None else subprocess.STDOUT,
             env=full_env,
             cwd=cwd,
         )
     except FileNotFoundError:
         require_tool(argv[0], what or "run this step")
         raise
+    finally:
+        if sink is not None:
+            sink.close()  # the child holds its own descriptor
+    output = proc.stderr if sink is not None else proc.stdout
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     captured: list[str] = []
 
     def reader() -> None:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
+        assert output is not None
+        for raw in output:
             line = raw.decode("utf-8", "replace").rstrip("\n")
             # progress bars redraw with \r: keep only the last state of the line
             line = line.rsplit("\r", 1)[-1]

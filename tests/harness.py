@@ -7,6 +7,7 @@ workspace) are in tests/integration/conftest.py.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -193,6 +194,32 @@ def drop_namespace(client, namespace: str) -> None:
 
 
 LZ4 = {"compression": "lz4"}  # squashfs options: fast, for test builds
+
+
+def crane() -> str:
+    """The crane binary (ci/setup.sh installs it)."""
+    path = shutil.which("crane")
+    assert path, "crane is not installed: run bash ci/setup.sh (go install ...go-containerregistry/cmd/crane)"
+    return path
+
+
+def crane_listing(ref: str) -> str:
+    """`crane export --insecure <ref> - | tar -tvf -`: what a carrier image holds, as tar lists it."""
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", f"{crane()} export --insecure {ref} - | tar -tvf -"],
+                          capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def xz_content_sha256(path: Path) -> str:
+    """sha256 of what the .xz file ``path`` holds, streamed from `xz -dc`."""
+    digest = hashlib.sha256()
+    with subprocess.Popen(["xz", "-dc", "--", str(path)], stdout=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL) as proc:
+        for block in iter(lambda: proc.stdout.read(1 << 20), b""):
+            digest.update(block)
+    assert proc.returncode == 0, f"xz -dc {path} failed"
+    return digest.hexdigest()
 
 
 def flavor_doc(flavor: str, release: str, base, registry: str, **more) -> dict:

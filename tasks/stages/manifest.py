@@ -156,9 +156,15 @@ def release_notes(version: str, builds: list[Build], records: list[dict], carrie
         out += ["sha256sum -c SHA256SUMS", "```"]
     if carriers:
         out += ["", "## Raw disk images as OCI images", "",
-                "Each `.img` is also pushed as an image holding only that file; get it back with:", "", "```sh"]
-        out += [carrier.extract_command(ref, name) for name, ref in sorted(carriers.items())]
-        out += ["```"]
+                f"Each raw disk image is also pushed as an image `FROM scratch` holding only "
+                f"`{carrier.DIRECTORY}/<file>`. Unpack it with crane (Go module "
+                f"`github.com/google/go-containerregistry/cmd/crane`) into `{carrier.DIRECTORY}/` in the current "
+                f"directory and write it to a disk or SD card "
+                f"(replace `{carrier.DEVICE}`), or take `{carrier.DIRECTORY}/` out with the docker CLI instead of crane:"]
+        for name, ref in sorted(carriers.items()):
+            lines = carrier.extract_commands(ref, name)
+            out += ["", f"`{name}`:", "", "```sh", lines["crane"], lines["write"], "```", "", "```sh",
+                    "# without crane", lines["docker"], "```"]
     return "\n".join(out) + "\n"
 
 
@@ -171,7 +177,7 @@ def manifest(paths: Paths, version: str, builds: list[Build]) -> None:
     lines = sorted({f"{o['sha256']}  {o['name']}" for r in records for o in r["outputs"]},
                    key=lambda line: line.split("  ", 1)[1])
     write_text_atomic(sums, "\n".join(lines) + "\n")
-    carriers = {f"{b.stem}.img": carrier.carrier_ref(paths, b) for b in builds if "raw" in b.kinds}
+    carriers = {carrier.carried(paths, b).name: carrier.carrier_ref(paths, b) for b in builds if "raw" in b.kinds}
     write_text_atomic(release, release_notes(version, builds, records, carriers))
 
 

@@ -122,6 +122,21 @@ def test_sigkill_mid_raw_image(fws):
                           capture_output=True).returncode == 0
 
 
+def test_sigkill_mid_xz(fws):
+    ws, b, _ = fws
+    name = f"{b.stem}.img.xz"
+    assert ws.doit(f"raw:{b.stem}").rc == 0
+    kill_during(ws, f"xz:{b.stem}", name)
+    assert not out(ws, name).exists() and not out(ws, name + ".sha256").exists()
+    result = ws.doit(f"xz:{b.stem}")
+    assert result.rc == 0, result.err
+    assert f"xz:{b.stem}" in result.executed
+    assert partials(ws) == []
+    assert subprocess.run(["xz", "--test", str(out(ws, name))]).returncode == 0
+    assert subprocess.run(["sha256sum", "-c", name + ".sha256"], cwd=out(ws, ""),
+                          capture_output=True).returncode == 0
+
+
 def test_sigkill_mid_signing(fws):
     ws, b, env = fws
     assert ws.doit(f"build:{b.stem}", env=env).rc == 0  # everything but a fresh signature

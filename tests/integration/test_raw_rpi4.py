@@ -11,6 +11,9 @@ package and initrd layers (the overlay is copied in after them).
 arm64 generic: `doit boot:<stem>` builds the EFI ISO (grub's arm64-efi modules from the image)
 and boots it under AAVMF to its login prompt.
 
+After the default run, `crane export` of the rpi4 `-img` carrier lists one file,
+`build/<stem>.img.xz` (the test prints the listing and the .img and .img.xz sizes).
+
 A cheap amd64 flavor (builtin converter on a registry base, raw_generic) shares nothing with
 the arm64 ones and must stay untouched; `doit boot:<stem>` boots its generic raw image under
 OVMF to the login prompt. The arm64 conversions under emulation are the slow part; BuildKit's
@@ -31,12 +34,13 @@ from pathlib import Path
 
 import pytest
 
+from tasks import naming
 from tasks.builders import native_raw as n
 from tasks.config import load_flavors
 from tasks.matrix import expand
 from tasks.tools import qemu
 
-from tests.harness import LZ4, Workspace, buildkit_steps, builtin_doc, write_flavor
+from tests.harness import LZ4, Workspace, buildkit_steps, builtin_doc, crane_listing, write_flavor
 
 pytestmark = pytest.mark.integration
 
@@ -369,9 +373,26 @@ def test_second_raw_run_builds_nothing(rpi, built, arm_iso):
     # the whole workspace: no build's task reruns (aggregates such as the manifest run once)
     whole, _ = timed(ws)
     assert whole.rc == 0, whole.err
-    # the -img carrier image is published by the default run only, not by `doit raw:`
-    assert per_build(ws, whole.build_actions)[0] == {f"carrier:{b.stem}", f"carrier:{other.stem}"}, \
-        whole.build_actions
+    # the .img.xz and the -img carrier image holding it are made by the default run only, not by `doit raw:`
+    assert per_build(ws, whole.build_actions)[0] == {f"{t}:{s}" for t in ("xz", "carrier")
+                                                     for s in (b.stem, other.stem)}, whole.build_actions
     final, _ = timed(ws)
     assert final.rc == 0, final.err
     assert final.build_actions == set(), f"expected nothing to rebuild, ran {final.build_actions}"
+
+
+def test_rpi4_carrier_holds_build_img_xz(rpi, built):
+    """The rpi4 `-img` carrier (pushed by the default run; `doit carrier:<stem>` builds nothing new when
+    it is there): `crane export` lists one file, `build/<stem>.img.xz`, of the size of the published one.
+    Prints the listing and the sizes of the .img and the .img.xz."""
+    ws, b, _, _ = rpi
+    result, _ = timed(ws, f"carrier:{b.stem}")
+    assert result.rc == 0, result.err
+    out = ws.outputs / "v3.1.0"
+    img, packed = out / f"{b.stem}.img", out / f"{b.stem}.img.xz"
+    tag = naming.carrier_tag(b.image)
+    listing = crane_listing(tag)
+    print(f"crane export --insecure {tag} - | tar -tvf -\n{listing}")
+    print(f"{img.name}: {img.stat().st_size} bytes; {packed.name}: {packed.stat().st_size} bytes")
+    files = [line.split() for line in listing.splitlines() if not line.startswith("d")]
+    assert [(f[-1], int(f[2])) for f in files] == [(f"build/{packed.name}", packed.stat().st_size)]

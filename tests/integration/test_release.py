@@ -1,11 +1,13 @@
-"""Release shape: a raw image pushed as an `-img` OCI carrier image and extracted
-again with the command RELEASE.md prints; RELEASE.md lists artifacts and commands."""
+"""Release shape: a raw image pushed as an `-img` OCI carrier image holding `build/<stem>.img.xz` and
+extracted again with the commands RELEASE.md prints (real crane, and the docker alternative);
+RELEASE.md lists artifacts and commands."""
 from __future__ import annotations
 
 import hashlib
 import json
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +15,7 @@ from tasks import naming
 from tasks.config import load_flavors
 from tasks.matrix import expand
 
-from tests.harness import LZ4, Workspace, builtin_doc, write_flavor
+from tests.harness import LZ4, Workspace, builtin_doc, crane, crane_listing, write_flavor, xz_content_sha256
 
 pytestmark = pytest.mark.integration
 CLOUD_CONFIG = "#cloud-config\nusers:\n  - name: kairos\n    passwd: kairos\n"
@@ -33,9 +35,23 @@ def rel(tmp_path_factory, ns, bases):
     return ws, b, result
 
 
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
+
+
 def test_raw_image_round_trips_through_its_carrier_image(rel, engine, tmp_path):
+    """The docker alternative RELEASE.md gives: `build/<stem>.img.xz` out of the carrier, intact, and
+    the disk image in it is the published `.img`."""
     ws, b, result = rel
-    assert f"carrier:{b.stem}" in result.executed
+    assert {f"xz:{b.stem}", f"carrier:{b.stem}"} <= set(result.executed)
     tag = naming.carrier_tag(b.image)
     assert tag.endswith("-generic-v3.1.0-img")
     pushed = (ws.state / "carrier" / f"{b.stem}.digest").read_text().strip()
@@ -45,9 +61,41 @@ def test_raw_image_round_trips_through_its_carrier_image(rel, engine, tmp_path):
     assert len(commands) == 1 and pushed in commands[0]
     engine.images.remove(tag, force=True)  # the printed command must pull it by itself
     subprocess.run(["bash", "-c", commands[0]], cwd=tmp_path, check=True, env={"PATH": "/usr/bin:/bin"})
-    got = hashlib.sha256((tmp_path / f"{b.stem}.img").read_bytes()).hexdigest()
-    want = (ws.outputs / "v3.1.0" / f"{b.stem}.img.sha256").read_text().split()[0]
-    assert got == want
+    name = f"{b.stem}.img.xz"
+    assert files_under(tmp_path) == [f"build/{name}"]
+    out = ws.outputs / "v3.1.0"
+    assert sha256_of(tmp_path / "build" / name) == (out / f"{name}.sha256").read_text().split()[0]
+    subprocess.run(["xz", "--test", str(tmp_path / "build" / name)], check=True)
+    assert xz_content_sha256(tmp_path / "build" / name) == (out / f"{b.stem}.img.sha256").read_text().split()[0]
+
+
+def test_crane_export_of_the_carrier_gives_build_img_xz(rel, tmp_path):
+    """As a new user would, with real crane against the local registry: the crane line RELEASE.md gives
+    (`crane export --insecure <ref> - | tar -xvf -`) leaves `build/<stem>.img.xz`, which passes `xz -t`
+    and holds the disk image whose sha256 `<stem>.img.sha256` gives."""
+    crane()
+    ws, b, _ = rel
+    out = ws.outputs / "v3.1.0"
+    pushed = (ws.state / "carrier" / f"{b.stem}.digest").read_text().strip()
+    ref = naming.pinned(naming.carrier_tag(b.image), pushed)
+    name = f"{b.stem}.img.xz"
+    # by tag, as the image support matrix page tells users: one file under build/
+    listing = crane_listing(naming.carrier_tag(b.image))
+    print(f"crane export --insecure {naming.carrier_tag(b.image)} - | tar -tvf -\n{listing}")
+    assert [line.split()[-1] for line in listing.splitlines() if not line.startswith("d")] == [f"build/{name}"]
+    notes = (out / "RELEASE.md").read_text()
+    lines = [line for line in notes.splitlines() if line.startswith("crane export ")]
+    assert lines == [f"crane export --insecure {ref} - | tar -xvf -"]
+    unpacked = subprocess.run(["bash", "-o", "pipefail", "-c", lines[0]], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=1800, stdin=subprocess.DEVNULL)
+    assert unpacked.returncode == 0, unpacked.stderr
+    assert f"build/{name}" in unpacked.stdout.split()  # tar -v named it
+    assert files_under(tmp_path) == [f"build/{name}"]
+    got = tmp_path / "build" / name
+    assert subprocess.run(["xz", "-t", str(got)], capture_output=True).returncode == 0
+    assert sha256_of(got) == (out / f"{name}.sha256").read_text().split()[0]
+    assert xz_content_sha256(got) == (out / f"{b.stem}.img.sha256").read_text().split()[0]
+    print(f"{b.stem}.img: {(out / f'{b.stem}.img').stat().st_size} bytes; {name}: {got.stat().st_size} bytes")
 
 
 def test_release_notes_list_every_artifact_with_size_and_sha256(rel):
@@ -57,7 +105,7 @@ def test_release_notes_list_every_artifact_with_size_and_sha256(rel):
     assert notes.startswith("# Kairos v3.1.0\n") and "- none (core images only)" in notes
     rows = {m.group(1): (int(m.group(2)), m.group(3))
             for m in re.finditer(r"^\| `([^`]+)` \| (\d+) \| `([0-9a-f]{64})` \|$", notes, re.M)}
-    for suffix in (".img", "-kernel", "-initrd", ".squashfs"):
+    for suffix in (".img", ".img.xz", "-kernel", "-initrd", ".squashfs"):
         name = b.stem + suffix
         assert rows[name][0] == (out / name).stat().st_size
         assert rows[name][1] == (out / (name + ".sha256")).read_text().split()[0]
@@ -97,4 +145,5 @@ def test_changed_cloud_config_rebuilds_iso_and_raw_only(rel):
     (ws.flavors / "cloud-config.yml.in").write_text(CLOUD_CONFIG + "hostname: changed\n")
     result = ws.doit()
     assert result.rc == 0, result.err
-    assert result.build_actions == {f"iso:{b.stem}", f"raw:{b.stem}", f"carrier:{b.stem}", "manifest:v3.1.0"}
+    assert result.build_actions == {f"iso:{b.stem}", f"raw:{b.stem}", f"xz:{b.stem}", f"carrier:{b.stem}",
+                                    "manifest:v3.1.0"}

@@ -1,9 +1,10 @@
-"""Shared fixtures for the pure unit tests: flavor files and Flavor/Build factories.
+"""Shared fixtures for the pure unit tests: flavor files, Flavor/Build factories and a raw build.
 
 Nothing here mocks project code; the factories build the real frozen dataclasses.
 """
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
 
@@ -16,6 +17,9 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) from an
 from tasks.model import Flavor  # noqa: E402
 from tasks.matrix import Build  # noqa: E402
 from tasks.providers import PROVIDERS  # noqa: E402
+from tasks.state import Paths, write_checksum  # noqa: E402
+
+MIB = 1 << 20
 
 
 @pytest.fixture
@@ -81,6 +85,32 @@ def make_build(make_flavor):
                      provider_version=provider_version)
 
     return make
+
+
+def disk_like(path: Path, size_mib: int = 30) -> Path:
+    """A file shaped like a raw disk image: mostly zeros, some text and a little noise (seeded), larger
+    than one xz block, so the compressed file has several blocks."""
+    rnd = random.Random(16)
+    with open(path, "wb") as fh:
+        for i in range(size_mib):
+            if i % 8 == 0:
+                fh.write(rnd.randbytes(MIB // 8) + bytes(7 * MIB // 8))
+            elif i % 3 == 0:
+                fh.write((f"kairos block {i} " * 4096).encode()[:MIB].ljust(MIB, b"\0"))
+            else:
+                fh.write(bytes(MIB))
+    return path
+
+
+@pytest.fixture
+def raw_build(make_build, tmp_path):
+    """A generic raw build whose `<stem>.img` exists, and its Paths."""
+    b = make_build(artifacts=("raw",), raw_generic=True)
+    paths = Paths(tmp_path / "state", tmp_path / "out")
+    img, = paths.outputs_of(b, "raw")
+    img.parent.mkdir(parents=True)
+    write_checksum(disk_like(img))  # as the raw stage leaves it
+    return paths, b, img
 
 
 @pytest.fixture(autouse=True)

@@ -64,6 +64,8 @@ def test_plan_json(tmp_path, capsys):
     assert record["flavor_file"] == str(tmp_path / "flavors" / "ubuntu.yaml")
     assert record["artifacts"] == {
         "raw": [f"{RPI4_STANDARD}.img", f"{RPI4_STANDARD}.img.sha256"],
+        # raw_compression: xz (the default) comes with raw
+        "xz": [f"{RPI4_STANDARD}.img.xz", f"{RPI4_STANDARD}.img.xz.sha256"],
         "kernel": [f"{RPI4_STANDARD}-kernel", f"{RPI4_STANDARD}-kernel.sha256"],
         "initrd": [f"{RPI4_STANDARD}-initrd", f"{RPI4_STANDARD}-initrd.sha256"],
         # the native raw and ISO builders are made from the squashfs: implied
@@ -163,6 +165,10 @@ def test_plan_shards_cover_the_matrix(tmp_path, capsys, count):
     pytest.param({"ok.yaml": FLAVOR}, ["--shard", "0/2"], ["shard: shard '0/2': need 1 <= I <= N"], id="bad-shard"),
     pytest.param({"ok.yaml": FLAVOR}, ["--shard", "two"], ["shard must look like I/N"], id="shard-syntax"),
     pytest.param({}, [], ["no flavor files (*.yaml) in this directory"], id="empty-dir"),
+    pytest.param({"bad.yaml": {**FLAVOR, "raw_compression": "zip"}}, [],
+                 [f"bad.yaml:{len(yaml.safe_dump(FLAVOR).splitlines()) + 1}: raw_compression: unknown raw "
+                  "compression 'zip' (allowed: xz, none)"],  # the last line of the file
+                 id="raw-compression"),
 ])
 def test_plan_reports_problems_without_traceback(tmp_path, capsys, files, args, expected):
     folder = tmp_path / "flavors"
@@ -194,15 +200,15 @@ def test_python_m_tasks_plan_upstream():
     proc = _python_m_tasks("plan", "--flavors", "flavors/upstream", "--json")
     assert proc.returncode == 0, proc.stderr
     builds = json.loads(proc.stdout)["builds"]
-    assert len(builds) == 24
+    assert len(builds) == 28
     assert all(b["stem"].startswith("kairos-") for b in builds)
     assert not [b["stem"] for b in builds if b["arch"] == "amd64" and b["device"] in ("rpi3", "rpi4")]
-    assert len({b["stem"] for b in builds}) == 24
+    assert len({b["stem"] for b in builds}) == 28
     assert all("+" not in b["image"] for b in builds)
     assert all(b["flavor_file"].startswith("flavors/upstream/") for b in builds)
     for b in builds:
         assert ("iso" in b["artifacts"]) == (b["device"] == "generic")
-        assert ("raw" in b["artifacts"]) == (b["device"] != "generic")
+        assert ("raw" in b["artifacts"]) == ("xz" in b["artifacts"]) == (b["device"] != "generic")
         assert all(name.startswith(b["stem"]) for names in b["artifacts"].values() for name in names)
 
 
@@ -227,11 +233,18 @@ def test_plan_markdown_support_matrix_of_the_shipped_flavors(capsys):
     assert page.startswith("# Image support matrix\n")
     rows = [l for l in page.splitlines() if l.startswith("| ") and "`quay.io/kairos/" in l and " | `" in l
             and l.count("|") == 8]
-    assert [r.split(" | ")[0][2:] for r in rows] == ["alpine", "debian", "fedora", "opensuse", "ubuntu"]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["alpine", "debian", "fedora", "opensuse", "rockylinux",
+                                                     "ubuntu"]
+    rocky = next(r for r in rows if r.startswith("| rockylinux | 9 |"))
+    assert "| amd64, arm64 | generic | `quay.io/kairos/rockylinux` |" in rocky and "raw" not in rocky
+    assert "## rockylinux 9" in page
+    assert "`quay.io/kairos/rockylinux:9-standard-arm64-generic-v3.1.0-k3sv1.28.2-k3s1` | " in page
+    assert "`kairos-rockylinux-9-core-amd64-generic-v3.1.0.iso`" in page
     ubuntu = next(r for r in rows if r.startswith("| ubuntu | 24.04 |"))
     assert "core, standard (k3s v1.28.2+k3s1)" in ubuntu and "generic, rpi4 (arm64)" in ubuntu
     assert "`quay.io/kairos/ubuntu:24.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2-k3s1` | " in page
     assert "`kairos-ubuntu-24.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2+k3s1.img`" in page
+    assert "`kairos-ubuntu-24.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2+k3s1.img.xz`" in page
     assert "amd64-rpi4" not in page
 
 

@@ -280,6 +280,9 @@ ERROR_CASES = [
     pytest.param(doc(artifacts=["iso", "raw"]), "artifacts",
                  "raw images are built for rpi devices only; set raw_generic: true", "artifacts:",
                  id="raw-generic-only"),
+    pytest.param(doc(raw_compression="none"), "raw_compression",
+                 "only used with the raw artifact, which artifacts does not list", "raw_compression:",
+                 id="raw-compression-without-raw"),
     pytest.param(doc(base_image={"mmdebstrap": {"suite": "bookworm", "arch": "amd64"}},
                      arches=["amd64", "arm64"], **BUILTIN), "base_image",
                  "mmdebstrap arch amd64 cannot serve arches arm64", "base_image:", id="mmdebstrap-arch-vs-arches"),
@@ -321,6 +324,12 @@ ERROR_CASES = [
     pytest.param(doc(sign={"password_env": "BAD-NAME"}), "sign.password_env", "invalid value 'BAD-NAME'",
                  "password_env:", id="sign-password-env"),
 ]
+
+
+@pytest.mark.parametrize("value, expected", [(DROP, "xz"), ("xz", "xz"), ("none", "none")])
+def test_raw_compression_values(write_flavor, value, expected):
+    (f,) = load_flavors([write_flavor("r.yaml", doc(artifacts=["raw"], raw_generic=True, raw_compression=value))])
+    assert f.raw_compression == expected
 
 
 def test_builder_and_netboot_defaults_and_values(write_flavor):
@@ -527,6 +536,10 @@ def test_boot_options_load(write_flavor):
     (dict(base_image={"mmdebstrap": {"suite": "bookworm", "variant": "tiny"}}, **BUILTIN), "tiny",
      "base_image.mmdebstrap.variant: unknown mmdebstrap variant 'tiny' "
      "(allowed: minbase, buildd, required, important, standard, apt, essential)"),
+    (dict(raw_compression="gzip", artifacts=["raw"], raw_generic=True), "raw_compression:",
+     "raw_compression: unknown raw compression 'gzip' (allowed: xz, none)"),
+    (dict(raw_compression=False, artifacts=["raw"], raw_generic=True), "raw_compression:",
+     "raw_compression: must be a string, got a boolean"),
     # not a string: that is the one problem (no "unknown policy None" after it)
     (dict(scan={"policy": 5}), "policy:", 'scan.policy: must be a string, got number 5; quote it, e.g. "5"'),
     (dict(squashfs={"compression": None}), "compression:", "squashfs.compression: must be a string, got null"),

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tasks.config import TOP_KEYS, load_flavors
-from tasks.kinds import ARTIFACT_KINDS
+from tasks.kinds import KINDS
 from tasks.matrix import duplicate_problems, expand
 from tasks.model import ConfigError
 
@@ -42,7 +42,7 @@ def check(path: Path) -> None:
     assert duplicate_problems(builds) == []
     for b in builds:
         assert b.stem.startswith("kairos-") and ":" in b.image
-        assert set(b.kinds) <= set(ARTIFACT_KINDS)
+        assert set(b.kinds) <= set(KINDS)
         b.files()
 
 

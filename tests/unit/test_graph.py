@@ -37,24 +37,62 @@ def listed(tmp_path_factory) -> set[str]:
 
 
 def test_every_build_has_its_stage_subtasks(ctx, listed):
-    assert len(ctx.builds) == 24
+    assert len(ctx.builds) == 28
+    assert sorted({b.flavor.flavor for b in ctx.builds}) == ["alpine", "debian", "fedora", "opensuse", "rockylinux",
+                                                             "ubuntu"]
     for b in ctx.builds:
         for stage in ("convert", "push", "kernel", "initrd", "squashfs", "sbom", "trivy", "grype", "sign",
                       "build"):
             assert f"{stage}:{b.stem}" in listed
         assert (f"iso:{b.stem}" in listed) == (b.device == "generic")
         assert (f"ipxe:{b.stem}" in listed) == (b.device == "generic" and b.arch == "amd64")
-        assert (f"raw:{b.stem}" in listed) == (b.device == "rpi4")
+        for stage in ("raw", "xz", "carrier"):  # raw_compression: xz by default
+            assert (f"{stage}:{b.stem}" in listed) == (b.device == "rpi4")
     assert "iso:kairos-ubuntu-24.04-core-amd64-generic-v3.1.0" in listed
     assert "raw:kairos-ubuntu-24.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2+k3s1" in listed
+    assert "xz:kairos-ubuntu-24.04-standard-arm64-rpi4-v3.1.0-k3sv1.28.2+k3s1" in listed
     assert not any("amd64-rpi" in name for name in listed)
+
+
+def test_rocky_linux_builds(ctx, listed):
+    rocky = [b for b in ctx.builds if b.flavor.flavor == "rockylinux"]
+    assert [(b.variant, b.arch, b.device) for b in rocky] == [
+        ("core", "amd64", "generic"), ("core", "arm64", "generic"),
+        ("standard", "amd64", "generic"), ("standard", "arm64", "generic")]
+    assert [b.image for b in rocky] == [
+        "quay.io/kairos/rockylinux:9-core-amd64-generic-v3.1.0",
+        "quay.io/kairos/rockylinux:9-core-arm64-generic-v3.1.0",
+        "quay.io/kairos/rockylinux:9-standard-amd64-generic-v3.1.0-k3sv1.28.2-k3s1",
+        "quay.io/kairos/rockylinux:9-standard-arm64-generic-v3.1.0-k3sv1.28.2-k3s1"]
+    for b in rocky:
+        assert b.base.ref == "rockylinux/rockylinux:9"
+        assert f"iso:{b.stem}" in listed and f"sign:{b.stem}" in listed
+        assert (f"ipxe:{b.stem}" in listed) == (b.arch == "amd64")
+        assert f"raw:{b.stem}" not in listed  # generic only, no raw_generic
+    assert "iso:kairos-rockylinux-9-standard-arm64-generic-v3.1.0-k3sv1.28.2+k3s1" in listed
+    assert {"pull:rockylinux-rockylinux-9-amd64", "pull:rockylinux-rockylinux-9-arm64"} <= listed
+
+
+def test_carrier_is_keyed_on_the_compressed_image_only(ctx):
+    """The carrier of an rpi4 build depends on `<stem>.img.xz.sha256`, which the xz task writes, and
+    on nothing of the converted image: a new image digest with the same disk image rebuilds nothing."""
+    from tasks.stages import carrier, xz
+
+    shas = {t["name"]: t["file_dep"] for t in carrier.tasks(ctx)}
+    targets = {t["name"]: t["targets"] for t in xz.tasks(ctx, "xz")}
+    rpi = [b for b in ctx.builds if b.device == "rpi4"]
+    assert sorted(shas) == sorted(targets) == sorted(b.stem for b in rpi)
+    for b in rpi:
+        assert shas[b.stem] == [str(ctx.paths.version_dir("v3.1.0") / f"{b.stem}.img.xz.sha256")]
+        assert shas[b.stem][0] in targets[b.stem]
 
 
 def test_one_resolve_per_reference_and_one_pull_per_arch(ctx, listed):
     resolves = sorted(n for n in listed if n.startswith("resolve:"))
-    # 5 distinct bases + the one kairos-init image they share
-    assert len(resolves) == 6
+    # 6 distinct bases + the one kairos-init image they share
+    assert len(resolves) == 7
     assert "resolve:quay.io-kairos-kairos-init-v4.3.0" in resolves
+    assert "resolve:rockylinux-rockylinux-9" in resolves
     pulls = {n for n in listed if n.startswith("pull:")}
     assert "pull:ubuntu-24.04-arm64" in pulls and "pull:fedora-42-amd64" in pulls
     assert "pull:fedora-42-arm64" not in pulls  # fedora flavor is amd64 only

@@ -30,7 +30,7 @@ def outputs_written(task: dict) -> set[str]:
     return {Path(t).name for t in task["targets"] if Path(t).parent == Path("/out/v3.1.0")}
 
 
-@pytest.mark.parametrize("kind", ARTIFACT_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_every_kind_has_a_stage_whose_targets_are_the_registry_files(ctx, kind):
     tasks = list(graph.kind_task(ctx, KINDS[kind])())
     with_kind = [b for b in ctx.builds if kind in b.kinds]
@@ -40,8 +40,8 @@ def test_every_kind_has_a_stage_whose_targets_are_the_registry_files(ctx, kind):
         if kind == "sign":
             shas = [p.name for p in PATHS.checksums(b)]
             expected = {b.stem + PROVENANCE} | {sha + s for sha in shas for s in BLOB_SIGNATURE_SUFFIXES}
-            # kernel, initrd, squashfs and: generic iso + 3 iPXE files + the UKI and its ISO; rpi4 raw
-            assert len(shas) == {"generic": 9, "rpi4": 4}[b.device]
+            # kernel, initrd, squashfs and: generic iso + 3 iPXE files + the UKI and its ISO; rpi4 raw + its .xz
+            assert len(shas) == {"generic": 9, "rpi4": 5}[b.device]
         assert outputs_written(task) == expected, task["name"]
         assert task["doc"] and task["actions"]
 
@@ -55,7 +55,10 @@ def test_dodo_docstrings_come_from_the_registry(ctx):
 
 def test_registry_is_consistent():
     assert config.ARTIFACT_KINDS == ARTIFACT_KINDS  # the allowed `artifacts:` values
+    # implied kinds are not listed by flavors; they come with a listed kind
+    assert set(ARTIFACT_KINDS) == {k.name for k in REGISTRY if not k.implied_by}
     for kind in REGISTRY:
+        assert set(kind.implied_by) <= set(ARTIFACT_KINDS)
         assert set(kind.built_from) <= set(KINDS) - {kind.name}
         assert all(s.startswith(("-", ".")) for s in kind.suffixes + kind.also_writes)
         assert not (kind.checksummed and not kind.suffixes)
@@ -74,9 +77,13 @@ def test_registry_is_consistent():
     # matrix rules: device and arch limits
     (dict(artifacts=("iso", "ipxe", "sbom"), arch="arm64", netboot_url="http://h"),
      ("iso", "kernel", "initrd", "squashfs", "sbom")),
-    (dict(artifacts=("iso", "raw"), arch="arm64", device="rpi4"), ("raw", "kernel", "initrd", "squashfs")),
+    (dict(artifacts=("iso", "raw"), arch="arm64", device="rpi4"), ("raw", "xz", "kernel", "initrd", "squashfs")),
     (dict(artifacts=("raw",)), ()),
-    (dict(artifacts=("raw",), raw_generic=True), ("raw", "kernel", "initrd", "squashfs")),
+    (dict(artifacts=("raw",), raw_generic=True), ("raw", "xz", "kernel", "initrd", "squashfs")),
+    # the compressed raw image comes with raw unless raw_compression: none
+    (dict(artifacts=("raw",), raw_generic=True, raw_compression="none"), ("raw", "kernel", "initrd", "squashfs")),
+    (dict(artifacts=("raw",), arch="arm64", device="rpi4", builder="auroraboot"), ("raw", "xz")),
+    (dict(artifacts=("iso",), raw_compression="xz"), ("iso", "kernel", "initrd", "squashfs")),  # no raw, no xz
 ])
 def test_matrix_rules_from_the_registry(make_build, fields, kinds):
     assert make_build(**fields).kinds == kinds
@@ -88,6 +95,7 @@ def test_matrix_rules_from_the_registry(make_build, fields, kinds):
     ("raw", {"arch": "arm64", "device": "rpi4"}, {"sfdisk", "mkfs.vfat", "mmd", "mcopy", "mkfs.ext4", "unsquashfs"}),
     ("raw", {"raw_generic": True}, {"sfdisk", "mkfs.vfat", "mmd", "mcopy", "mkfs.ext4", "grub-mkstandalone"}),
     ("squashfs", {}, {"mksquashfs", "tar"}),
+    ("xz", {"raw_generic": True}, {"xz"}),
     ("kernel", {}, set()),
     ("sign", {}, {"cosign"}),
 ])

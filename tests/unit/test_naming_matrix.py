@@ -201,9 +201,9 @@ KINDS_ALL = ("iso", "raw", "ipxe", "kernel", "initrd", "squashfs", "sbom", "triv
 
 @pytest.mark.parametrize("device, arch, raw_generic, kinds", [
     ("generic", "amd64", False, ("iso", "ipxe", "kernel", "initrd", "squashfs", "sbom", "trivy", "grype", "sign")),
-    ("generic", "arm64", True, ("iso", "raw", "kernel", "initrd", "squashfs", "sbom", "trivy", "grype", "sign")),
-    ("rpi4", "arm64", False, ("raw", "kernel", "initrd", "squashfs", "sbom", "trivy", "grype", "sign")),
-    ("rpi3", "arm64", True, ("raw", "kernel", "initrd", "squashfs", "sbom", "trivy", "grype", "sign")),
+    ("generic", "arm64", True, ("iso", "raw", "xz", "kernel", "initrd", "squashfs", "sbom", "trivy", "grype", "sign")),
+    ("rpi4", "arm64", False, ("raw", "xz", "kernel", "initrd", "squashfs", "sbom", "trivy", "grype", "sign")),
+    ("rpi3", "arm64", True, ("raw", "xz", "kernel", "initrd", "squashfs", "sbom", "trivy", "grype", "sign")),
 ])
 def test_build_kinds_iso_ipxe_generic_only_raw_rpi_unless_raw_generic(make_build, device, arch, raw_generic, kinds):
     b = make_build(arch=arch, device=device, artifacts=KINDS_ALL, raw_generic=raw_generic)
@@ -316,8 +316,8 @@ def test_shard_is_stable_across_runs_and_input_order(matrix, index, count):
 @pytest.mark.parametrize("artifacts, builder, device, arch, kinds", [
     (("iso",), "native", "generic", "amd64", ("iso", "kernel", "initrd", "squashfs")),
     (("iso",), "auroraboot", "generic", "amd64", ("iso",)),  # AuroraBoot builds from the image
-    (("raw",), "native", "rpi4", "arm64", ("raw", "kernel", "initrd", "squashfs")),
-    (("raw",), "auroraboot", "rpi4", "arm64", ("raw",)),
+    (("raw",), "native", "rpi4", "arm64", ("raw", "xz", "kernel", "initrd", "squashfs")),
+    (("raw",), "auroraboot", "rpi4", "arm64", ("raw", "xz")),
     (("ipxe",), "auroraboot", "generic", "amd64", ("ipxe", "kernel", "initrd", "squashfs")),
     (("ipxe", "sbom"), "native", "generic", "arm64", ("sbom",)),  # ipxe is amd64 only: nothing implied
 ])

@@ -193,6 +193,20 @@ def test_run_in_cwd(tmp_path):
     assert run(["pwd"], cwd=tmp_path, capture=True) == str(tmp_path)
 
 
+def test_stdout_to_a_file_keeps_stderr_as_the_output(tmp_path):
+    out = tmp_path / "out.bin"
+    data = bytes(range(256)) * 4096  # binary, 1 MiB, no newlines to split on
+    got = run(["sh", "-c", "cat; echo note >&2"], feed=[data], stdout=out, capture=True)
+    assert out.read_bytes() == data and got == "note"
+
+
+def test_stdout_to_a_file_failure_carries_stderr(tmp_path):
+    with pytest.raises(CommandError) as info:
+        run(["sh", "-c", "echo written; echo broken >&2; exit 5"], stdout=tmp_path / "out")
+    assert info.value.status == 5 and info.value.tail == "broken"
+    assert (tmp_path / "out").read_text() == "written\n"
+
+
 def test_feeding_a_program_that_exits_early_reports_its_status():
     with pytest.raises(CommandError) as info:
         run(["sh", "-c", "echo bye; exit 4"], feed=(b"x" * 65536 for _ in range(200)))
