@@ -160,7 +160,8 @@ def test_verify_checks_every_efi_binary(uki_ws, built, tmp_path):
     assert sorted(problems) == sorted([
         f"{b.stem}-uki.efi: not signed by {rogue / 'db.crt'}",
         f"{b.stem}-uki.iso:/EFI/BOOT/BOOTX64.EFI: not signed by {rogue / 'db.crt'}",
-        f"{b.stem}-uki.iso:/EFI/kairos/{b.stem}.efi: not signed by {rogue / 'db.crt'}"]), problems
+        f"{b.stem}-uki.iso:/EFI/kairos/{b.stem}.efi: not signed by {rogue / 'db.crt'}",
+        f"{b.stem}-uki.efi: .pcrpkey is not the public half of {rogue / 'tpm2-pcr-private.pem'}"]), problems
 
 
 def uki_problems(ws, b, work):
