@@ -167,8 +167,10 @@ def test_auroraboot_without_its_image_fails_clearly(iso_ws, built, ns):
 
 
 def test_iso_of_a_broken_squashfs_fails_the_boot_stage(iso_ws, iso, boots, tmp_path):
-    """Runs last: the squashfs is swapped for garbage (with a matching .sha256, as if a build step
-    had produced it), the ISO is rebuilt from it, and the boot stage must fail naming the serial
+    """Runs last: the squashfs is swapped for garbage (with a matching .sha256), as if a build step
+    had produced it: same sizes and modification times, so doit's check of the squashfs task's
+    targets sees the files it recorded (a changed time would rebuild the good squashfs). `doit
+    forget iso:` makes the ISO rebuild from it, and the boot stage must fail naming the serial
     output; afterwards the good files are put back."""
     out = iso_ws.outputs / "v3.1.0"
     squashfs, sha = out / f"{STEM}.squashfs", out / f"{STEM}.squashfs.sha256"
@@ -177,10 +179,18 @@ def test_iso_of_a_broken_squashfs_fails_the_boot_stage(iso_ws, iso, boots, tmp_p
     for p, keep in saved.items():
         os.link(p, keep)
     try:
+        stats = {p: p.stat() for p in (squashfs, sha)}
         squashfs.unlink()
-        squashfs.write_bytes(os.urandom(4 << 20))
+        with open(squashfs, "wb") as fh:
+            for _ in range(stats[squashfs].st_size >> 20):
+                fh.write(os.urandom(1 << 20))
+            fh.write(os.urandom(stats[squashfs].st_size & ((1 << 20) - 1)))
         sha.unlink()
         sha.write_text(f"{hashlib.sha256(squashfs.read_bytes()).hexdigest()}  {squashfs.name}\n")
+        for p, st in stats.items():
+            assert p.stat().st_size == st.st_size
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert iso_ws.doit("forget", f"iso:{STEM}").rc == 0
         before = report.read_text()
         result = iso_ws.doit(f"boot:{STEM}")
         assert result.rc == 1, result.out[-2000:]
