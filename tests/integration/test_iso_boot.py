@@ -205,5 +205,7 @@ def test_iso_of_a_broken_squashfs_fails_the_boot_stage(iso_ws, iso, boots, tmp_p
         for p, keep in saved.items():
             p.unlink(missing_ok=True)
             os.link(keep, p)
+    # the good files carry the very times the garbage had: doit's file_dep check cannot tell them apart
+    assert iso_ws.doit("forget", f"iso:{STEM}").rc == 0
     again = iso_ws.doit(f"iso:{STEM}")
     assert again.rc == 0 and f"iso:{STEM}" in again.executed
