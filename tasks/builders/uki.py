@@ -397,12 +397,13 @@ def measure_tool() -> str:
 def sign_pcr_policy(stub: Path, files: dict[str, Path], phases: tuple[str, ...], key: Path, out: Path) -> None:
     """``out``: the `.pcrsig` JSON for the UKI of ``files`` (which holds `.pcrpkey` already),
     signed by ``key`` for each phase path of ``phases``; checked against `pcr11` before use."""
-    measured = measured_sections(stub_version(stub.read_bytes()))
+    version = stub_version(stub.read_bytes())
+    measured = measured_sections(version)
     text = run(measure_sign_argv(measure_tool(), files, measured, phases, key, files[".pcrpkey"]),
                capture=True, what="systemd-measure sign the PCR 11 policy")
     data = text.strip().encode()
     sections = {name: files[name].read_bytes() for name in measured if name in files}
-    wrong = pcr_problems({**sections, ".pcrsig": data}, phases, stub_version(stub.read_bytes()))
+    wrong = pcr_problems({**sections, ".pcrsig": data}, phases, version)
     if wrong:
         raise UsageError("systemd-measure's PCR policy does not match the stub's measurements: " + "; ".join(wrong))
     out.write_bytes(data)

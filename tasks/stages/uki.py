@@ -87,7 +87,8 @@ def pcr_key(b: Build) -> Path | None:
 
 
 def key_files(b: Build) -> list[Path]:
-    return [b.flavor.trusted_boot.keys / name for name in SECURE_BOOT_FILES] + ([pcr_key(b)] if pcr_key(b) else [])
+    pcr = pcr_key(b)
+    return [b.flavor.trusted_boot.keys / name for name in SECURE_BOOT_FILES] + ([pcr] if pcr else [])
 
 
 def host_efi_digest() -> str:
@@ -132,12 +133,13 @@ def build(paths: Paths, b: Build, efi_out: Path, iso_out: Path) -> None:
             uki.make_initrd(root, files[".initrd"], epoch, work)
         files[".cmdline"].write_text(tb.cmdline)
         say(f"    UKI: kernel {release}, initrd {files['.initrd'].stat().st_size} bytes, cmdline: {tb.cmdline}")
-        if pcr_key(b):
+        pcr = pcr_key(b)
+        if pcr:
             phases = tb.phases(b.flavor.converter)
             files[".pcrpkey"], files[".pcrsig"] = work / "pcrpkey", work / "pcrsig"
-            run(keyset.public_key_argv(pcr_key(b), files[".pcrpkey"]), what=f"read the public half of {keyset.PCR_PRIVATE}")
+            run(keyset.public_key_argv(pcr, files[".pcrpkey"]), what=f"read the public half of {keyset.PCR_PRIVATE}")
             say(f"    PCR 11 policy (systemd-measure, {uki.PCR_BANK}) for phases {', '.join(phases)}")
-            uki.sign_pcr_policy(stub, files, phases, pcr_key(b), files[".pcrsig"])
+            uki.sign_pcr_policy(stub, files, phases, pcr, files[".pcrsig"])
         unsigned = work / "unsigned.efi"
         uki.assemble(stub, files, unsigned, epoch)
         with atomic_path(efi_out) as tmp:
@@ -198,10 +200,10 @@ def pcr_policy_problems(b: Build, sections: dict[str, bytes], work: Path) -> lis
     """The PCR policy of a UKI's ``sections``: `.pcrpkey` is the public half of the keys'
     PCR key, `.pcrsig` holds a policy per phase path for what the UKI's stub measures, and each
     policy's signature verifies with that key (openssl)."""
-    public = work / "pcr-public.pem"
-    run(keyset.public_key_argv(pcr_key(b), public), what=f"read the public half of {keyset.PCR_PRIVATE}")
+    public, private = work / "pcr-public.pem", pcr_key(b)
+    run(keyset.public_key_argv(private, public), what=f"read the public half of {keyset.PCR_PRIVATE}")
     if sections.get(".pcrpkey", b"").rstrip(b"\0") != public.read_bytes():
-        return [f".pcrpkey is not the public half of {pcr_key(b)}"]
+        return [f".pcrpkey is not the public half of {private}"]
     try:
         version = uki.stub_version(sections.get(".sdmagic", b""))   # the stub's own marker section
     except UsageError as exc:

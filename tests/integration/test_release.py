@@ -3,7 +3,6 @@ extracted again with the commands RELEASE.md prints (real crane, and the docker 
 RELEASE.md lists artifacts and commands."""
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 from tasks import naming
 from tasks.config import load_flavors
 from tasks.matrix import expand
+from tasks.state import sha256_file
 
 from tests.harness import LZ4, Workspace, builtin_doc, crane, crane_listing, write_flavor, xz_content_sha256
 
@@ -33,14 +33,6 @@ def rel(tmp_path_factory, ns, bases):
     result = ws.doit()
     assert result.rc == 0, result.err
     return ws, b, result
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def files_under(root: Path) -> list[str]:
@@ -64,7 +56,7 @@ def test_raw_image_round_trips_through_its_carrier_image(rel, engine, tmp_path):
     name = f"{b.stem}.img.xz"
     assert files_under(tmp_path) == [f"build/{name}"]
     out = ws.outputs / "v3.1.0"
-    assert sha256_of(tmp_path / "build" / name) == (out / f"{name}.sha256").read_text().split()[0]
+    assert sha256_file(tmp_path / "build" / name) == (out / f"{name}.sha256").read_text().split()[0]
     subprocess.run(["xz", "--test", str(tmp_path / "build" / name)], check=True)
     assert xz_content_sha256(tmp_path / "build" / name) == (out / f"{b.stem}.img.sha256").read_text().split()[0]
 
@@ -93,7 +85,7 @@ def test_crane_export_of_the_carrier_gives_build_img_xz(rel, tmp_path):
     assert files_under(tmp_path) == [f"build/{name}"]
     got = tmp_path / "build" / name
     assert subprocess.run(["xz", "-t", str(got)], capture_output=True).returncode == 0
-    assert sha256_of(got) == (out / f"{name}.sha256").read_text().split()[0]
+    assert sha256_file(got) == (out / f"{name}.sha256").read_text().split()[0]
     assert xz_content_sha256(got) == (out / f"{b.stem}.img.sha256").read_text().split()[0]
     print(f"{b.stem}.img: {(out / f'{b.stem}.img').stat().st_size} bytes; {name}: {got.stat().st_size} bytes")
 
