@@ -64,7 +64,7 @@ fi
 log "systemd-measure: $(/usr/local/bin/systemd-measure --version | head -n 1)"
 
 PY=${PYTHON:-python3}
-if ! "$PY" -c 'import doit, docker, yaml, pytest, hypothesis, cryptography' 2>/dev/null \
+if ! "$PY" -c 'import doit, docker, yaml, pytest, xdist, hypothesis, cryptography' 2>/dev/null \
     || ! command -v syft >/dev/null || ! command -v trivy >/dev/null || ! command -v virt-fw-vars >/dev/null; then
   log "installing Python packages (pyproject.toml [test,tools]: doit, docker, syft, trivy, ...)"
   "$PY" -m pip install -q --disable-pip-version-check -e '.[test,tools]'

@@ -2,13 +2,14 @@
 registry on 127.0.0.1:5000, a minimal Debian rootfs base image and a kairos-init
 STAND-IN image (a shell script that records its flags; it is not kairos-init).
 
-Expensive things are built once per session; the mmdebstrap rootfs tarball is
-cached under /var/tmp/kairos-test-cache and reused across runs when present. The plain
+Expensive things are built once per session (per xdist worker); the mmdebstrap rootfs tarball is
+cached under /var/tmp/kairos-test-cache and reused across runs and workers when present. The plain
 helpers these fixtures and the tests use (flavor builders, the stand-in script, Workspace.doit,
 namespace clean-up) are in tests/harness.py, importable without pytest.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import urllib.request
@@ -21,12 +22,6 @@ import pytest
 
 from tests.harness import (CACHE, LZ4, REGISTRY, STANDIN_SCRIPT, Result, Workspace, build_push, builtin_doc,
                            drop_namespace, standin_doc, write_flavor)
-
-
-def pytest_collection_modifyitems(items):
-    """Tests that stop the machine's dockerd run last, so an engine that comes back slowly
-    (or not at all) cannot take the other tests down with it."""
-    items.sort(key=lambda item: item.get_closest_marker("stops_engine") is not None)
 
 
 @pytest.fixture(scope="session")
@@ -56,12 +51,14 @@ def ns(engine) -> str:
 def rootfs_tar() -> Path:
     """Minimal Debian bookworm rootfs (mmdebstrap minbase), cached across runs."""
     tar = CACHE / "bookworm-minbase-amd64.tar"
-    if not tar.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        partial = tar.with_name(tar.name + ".partial")
-        subprocess.run(["mmdebstrap", "--variant=minbase", "--arch=amd64", "--format=tar", "bookworm",
-                        str(partial), "http://deb.debian.org/debian"], check=True, stdin=subprocess.DEVNULL)
-        partial.rename(tar)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "rootfs.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other xdist worker waits for the one that builds it
+        if not tar.exists():
+            partial = tar.with_name(tar.name + ".partial")
+            subprocess.run(["mmdebstrap", "--variant=minbase", "--arch=amd64", "--format=tar", "bookworm",
+                            str(partial), "http://deb.debian.org/debian"], check=True, stdin=subprocess.DEVNULL)
+            partial.rename(tar)
     return tar
 
 

@@ -6,7 +6,8 @@ run, once the service is back, completes.
 The registry test uses a second registry process on 127.0.0.1:5001 (its own storage)
 so the session's registry keeps serving. The daemon test stops the machine's one
 dockerd (a second dockerd would take over docker0) and starts it again through
-ci/setup.sh; it is marked `stops_engine` and conftest runs it last.
+ci/setup.sh; it is marked `stops_engine`: tests/conftest.py runs this module last, and the test
+alone (the other xdist worker waits on the engine lock).
 """
 from __future__ import annotations
 

@@ -1,12 +1,15 @@
 """Release shape: a raw image pushed as an `-img` OCI carrier image holding `build/<stem>.img.xz` and
 extracted again with the commands RELEASE.md prints (real crane, and the docker alternative);
-RELEASE.md lists artifacts and commands."""
+RELEASE.md lists artifacts and commands; a cloud-config change rebuilds the ISO and the raw image
+only; `doit xz:` killed midway leaves no final file. The 1 GB image is compressed once (xz is the
+slow step: minutes on 2 cores)."""
 from __future__ import annotations
 
 import json
 import re
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,13 +19,18 @@ from tasks.matrix import expand
 from tasks.state import sha256_file
 
 from tests.harness import LZ4, Workspace, builtin_doc, crane, crane_listing, write_flavor, xz_content_sha256
+from .test_faults import kill_during, out, partials
 
 pytestmark = pytest.mark.integration
 CLOUD_CONFIG = "#cloud-config\nusers:\n  - name: kairos\n    passwd: kairos\n"
+CHANGED = CLOUD_CONFIG + "hostname: changed\n"
 
 
 @pytest.fixture(scope="module")
 def rel(tmp_path_factory, ns, bases):
+    """The module's one build, in the order that compresses the 1 GB image once: the raw image and
+    the ISO; then the cloud-config changed and the two rebuilt; then `doit xz:` SIGKILLed midway
+    (what it left is recorded); then the whole run, which completes the .img.xz and the carrier."""
     ws = Workspace(root=tmp_path_factory.mktemp("release"), ns=ns)
     ws.flavors.mkdir(parents=True)
     (ws.flavors / "cloud-config.yml.in").write_text(CLOUD_CONFIG)
@@ -30,9 +38,17 @@ def rel(tmp_path_factory, ns, bases):
         "debian", bases["b"], f"{ns}/kairos", ["raw", "iso"], raw_generic=True, squashfs=LZ4,
         cloud_config="cloud-config.yml.in"))
     (b,) = expand(load_flavors([ws.flavors]))
+    first = ws.doit(f"raw:{b.stem}", f"iso:{b.stem}")
+    assert first.rc == 0, first.err
+    (ws.flavors / "cloud-config.yml.in").write_text(CHANGED)
+    changed = ws.doit(f"raw:{b.stem}", f"iso:{b.stem}")
+    assert changed.rc == 0, changed.err
+    xz = out(ws, f"{b.stem}.img.xz")
+    kill_during(ws, f"xz:{b.stem}", xz.name)
+    killed = {"final": xz.exists() or out(ws, xz.name + ".sha256").exists(), "partials": partials(ws)}
     result = ws.doit()
     assert result.rc == 0, result.err
-    return ws, b, result
+    return ws, b, result, SimpleNamespace(changed=changed, killed=killed)
 
 
 def files_under(root: Path) -> list[str]:
@@ -42,7 +58,7 @@ def files_under(root: Path) -> list[str]:
 def test_raw_image_round_trips_through_its_carrier_image(rel, engine, tmp_path):
     """The docker alternative RELEASE.md gives: `build/<stem>.img.xz` out of the carrier, intact, and
     the disk image in it is the published `.img`."""
-    ws, b, result = rel
+    ws, b, result, _ = rel
     assert {f"xz:{b.stem}", f"carrier:{b.stem}"} <= set(result.executed)
     tag = naming.carrier_tag(b.image)
     assert tag.endswith("-generic-v3.1.0-img")
@@ -66,7 +82,7 @@ def test_crane_export_of_the_carrier_gives_build_img_xz(rel, tmp_path):
     (`crane export --insecure <ref> - | tar -xvf -`) leaves `build/<stem>.img.xz`, which passes `xz -t`
     and holds the disk image whose sha256 `<stem>.img.sha256` gives."""
     crane()
-    ws, b, _ = rel
+    ws, b, _, _ = rel
     out = ws.outputs / "v3.1.0"
     pushed = (ws.state / "carrier" / f"{b.stem}.digest").read_text().strip()
     ref = naming.pinned(naming.carrier_tag(b.image), pushed)
@@ -91,7 +107,7 @@ def test_crane_export_of_the_carrier_gives_build_img_xz(rel, tmp_path):
 
 
 def test_release_notes_list_every_artifact_with_size_and_sha256(rel):
-    ws, b, _ = rel
+    ws, b, _, _ = rel
     out = ws.outputs / "v3.1.0"
     notes = (out / "RELEASE.md").read_text()
     assert notes.startswith("# Kairos v3.1.0\n") and "- none (core images only)" in notes
@@ -105,19 +121,19 @@ def test_release_notes_list_every_artifact_with_size_and_sha256(rel):
 
 
 def test_second_run_runs_nothing(rel):
-    ws, _, _ = rel
+    ws, _, _, _ = rel
     again = ws.doit()
     assert again.rc == 0 and again.build_actions == set(), again.build_actions
 
 
 def test_cloud_config_is_baked_into_iso_and_raw(rel, tmp_path):
-    ws, b, _ = rel
+    ws, b, _, _ = rel
     out = ws.outputs / "v3.1.0"
     got = subprocess.run(["xorriso", "-osirrox", "on", "-indev", str(out / f"{b.stem}.iso"),
                           "-extract", "/config.yaml", str(tmp_path / "iso-config.yaml")],
                          capture_output=True, text=True)
     assert got.returncode == 0, got.stderr
-    assert (tmp_path / "iso-config.yaml").read_text() == CLOUD_CONFIG
+    assert (tmp_path / "iso-config.yaml").read_text() == CHANGED
     img = out / f"{b.stem}.img"
     table = json.loads(subprocess.run(["sfdisk", "-J", str(img)], capture_output=True, text=True,
                                       check=True).stdout)["partitiontable"]
@@ -129,13 +145,24 @@ def test_cloud_config_is_baked_into_iso_and_raw(rel, tmp_path):
     label = subprocess.run(["e2label", str(part)], capture_output=True, text=True, check=True).stdout.strip()
     assert label == "COS_OEM"
     cat = subprocess.run(["debugfs", "-R", "cat /90_custom.yaml", str(part)], capture_output=True, text=True)
-    assert cat.stdout == CLOUD_CONFIG, cat.stderr
+    assert cat.stdout == CHANGED, cat.stderr
 
 
 def test_changed_cloud_config_rebuilds_iso_and_raw_only(rel):
-    ws, b, _ = rel
-    (ws.flavors / "cloud-config.yml.in").write_text(CLOUD_CONFIG + "hostname: changed\n")
-    result = ws.doit()
-    assert result.rc == 0, result.err
-    assert result.build_actions == {f"iso:{b.stem}", f"raw:{b.stem}", f"xz:{b.stem}", f"carrier:{b.stem}",
-                                    "manifest:v3.1.0"}
+    """The fixture changed the cloud-config after the first build: of everything `doit raw: iso:`
+    reaches (conversion, push, kernel, initrd, squashfs), only the two images that bake it in reran."""
+    _, b, _, steps = rel
+    assert steps.changed.build_actions == {f"iso:{b.stem}", f"raw:{b.stem}"}, steps.changed.build_actions
+
+
+def test_xz_killed_midway_leaves_no_final_file_and_the_next_run_completes(rel):
+    """`doit xz:` SIGKILLed once its partial file existed left no `.img.xz` (nor `.sha256`) under a
+    final name; the next run compressed again, left no partial file, and its output checks."""
+    ws, b, result, steps = rel
+    name = f"{b.stem}.img.xz"
+    assert steps.killed["final"] is False
+    assert any(p.startswith(f".{name}.partial-") for p in steps.killed["partials"]), steps.killed
+    assert f"xz:{b.stem}" in result.executed and partials(ws) == []
+    assert subprocess.run(["xz", "--test", str(out(ws, name))]).returncode == 0
+    assert subprocess.run(["sha256sum", "-c", name + ".sha256"], cwd=out(ws, ""),
+                          capture_output=True).returncode == 0
