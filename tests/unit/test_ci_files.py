@@ -1,7 +1,8 @@
 """The CI files shipped for users (ci/github-actions.yml, ci/gitlab-ci.yml) and the CI
 shell scripts: linted by the real linters (actionlint with shellcheck, shellcheck), and
 consistent with the pipeline: every shard 1..N is listed, the cache holds what a
-restored run needs, and the commands are the pipeline's own."""
+restored run needs, the commands are the pipeline's own, and the KAIROS_* paths are
+relative to the project directory."""
 from __future__ import annotations
 
 import shutil
@@ -15,6 +16,7 @@ from tasks.matrix import parse_shard
 
 CI = Path(__file__).resolve().parents[2] / "ci"
 CACHED = {".state", "outputs", ".registry"}
+KAIROS_PATHS = ("KAIROS_STATE", "KAIROS_OUTPUTS", "KAIROS_REGISTRY_DIR")
 
 
 def tool(name: str) -> str:
@@ -47,7 +49,8 @@ def test_github_workflow_fans_out_over_every_shard_and_caches_the_state():
     save = steps["Save the pipeline cache"]["with"]
     assert set(restore["path"].split()) == set(save["path"].split()) == CACHED
     assert save["key"] == restore["key"] and restore["restore-keys"] in restore["key"]
-    assert wf["env"]["KAIROS_STATE"].endswith("/.state") and wf["env"]["KAIROS_OUTPUTS"].endswith("/outputs")
+    assert (wf["env"]["KAIROS_STATE"], wf["env"]["KAIROS_OUTPUTS"], wf["env"]["KAIROS_REGISTRY_DIR"]) == (
+        ".state", "outputs", ".registry")
     run = steps[next(n for n in steps if str(n).startswith("Build shard"))]["run"]
     assert "python -m doit shard=" in run and "$SHARDS" in run
     assert steps["Save the pipeline cache"]["if"] == "always()"
@@ -60,6 +63,20 @@ def test_gitlab_pipeline_fans_out_over_every_shard_and_caches_the_state():
     (entry,) = job["parallel"]["matrix"]
     assert [int(s) for s in entry["SHARD"]] == list(range(1, count + 1))
     assert set(job["cache"]["paths"]) == CACHED and "$SHARD" in job["cache"]["key"]
+    assert (doc["variables"]["KAIROS_STATE"], doc["variables"]["KAIROS_OUTPUTS"],
+            doc["variables"]["KAIROS_REGISTRY_DIR"]) == (".state", "outputs", ".registry")
     assert any(line.startswith('python3 -m doit shard="$SHARD/$SHARDS"') for line in job["script"])
     assert "bash ci/setup.sh" in job["before_script"]
     assert job["artifacts"]["paths"] == ["outputs/"]
+
+
+def test_kairos_paths_are_relative_to_the_project_directory():
+    # $CI_PROJECT_DIR is not the job's directory under gitlab-ci-local's shell executor (an
+    # empty cache every run); a relative path means the project directory on every executor
+    wf = yaml.safe_load((CI / "github-actions.yml").read_text())
+    doc = yaml.safe_load((CI / "gitlab-ci.yml").read_text())
+    for env in (wf["env"], doc["variables"]):
+        for name in KAIROS_PATHS:
+            value = str(env[name])
+            assert not value.startswith(("/", "$", "~")) and "$" not in value, (name, value)
+            assert "github.workspace" not in value and "CI_PROJECT_DIR" not in value, (name, value)
