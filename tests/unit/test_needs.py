@@ -237,3 +237,15 @@ def test_arm64_builds_need_binfmt_only_on_foreign_hosts(make_build, monkeypatch)
     assert needs.ARM64_BINFMT not in preflight.tools_needed((make_build(artifacts=("kernel",)),))
     monkeypatch.setattr(preflight.platform, "machine", lambda: "aarch64")
     assert needs.ARM64_BINFMT not in preflight.tools_needed((arm,))
+
+
+def test_setup_sh_reads_the_needs_and_states_no_package_of_its_own():
+    script = (ROOT / "ci/setup.sh").read_text()
+    assert "-m tasks.needs" in script and '-m tasks "${needs_args[@]}"' in script
+    for tool in needs.GO_TOOLS.values():
+        assert tool.version not in script and tool.module not in script
+    for package in ("mmdebstrap", "squashfs-tools", "qemu-system-x86", "swtpm", "shellcheck"):
+        assert package not in script
+    for step in needs.SETUP_STEPS:
+        assert f"need_extra {step}" in script
+    assert "--dry-run" in script and "KAIROS_SETUP_DRY_RUN" in script and "times:" in script
