@@ -249,3 +249,10 @@ def test_setup_sh_reads_the_needs_and_states_no_package_of_its_own():
     for step in needs.SETUP_STEPS:
         assert f"need_extra {step}" in script
     assert "--dry-run" in script and "KAIROS_SETUP_DRY_RUN" in script and "times:" in script
+
+
+def test_readme_shows_what_the_default_flavors_need(on_amd64):
+    readme = (ROOT / "README.md").read_text()
+    assert "\n".join(flavor_needs("flavors").lines()) in readme
+    assert "bash ci/setup.sh && python3 -m doit" in readme and "bash ci/setup.sh --all && python3 -m pytest" in readme
+    assert (ROOT / ".ci/run").read_text().rstrip().endswith("bash ci/setup.sh --all && python3 -m pytest")
