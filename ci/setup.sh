@@ -90,7 +90,8 @@ need_extra() { [[ " ${NEED_EXTRA[*]} " == *" $1 "* ]]; }
 PY=${PYTHON:-python3}
 
 # --- the base: what every machine needs (tasks/needs.py BASE), then the project's own packages --
-read_needs < <("$PY" -m tasks.needs)
+base_out=$("$PY" -m tasks.needs) || die "$PY -m tasks.needs failed (python3 >= 3.11 is needed)"
+read_needs <<<"$base_out"
 apt_install "${NEED_APT[@]}"
 spent apt
 if ! "$PY" -c 'import doit, docker, yaml' 2>/dev/null; then
