@@ -13,8 +13,8 @@
 #      only tasks that completed, so a partial state is a valid cache)
 #
 # It prints which build actions ran (every executed task but the always-run `preflight`
-# and `resolve:*`) and exits with doit's status. Needs what the pipeline needs
-# (bash ci/setup.sh) and git.
+# and `resolve:*`) and exits with doit's status. Needs what the pipeline needs for the
+# flavors it builds (KAIROS_FLAVORS=... bash ci/setup.sh, or bash ci/setup.sh --all) and git.
 set -euo pipefail
 
 usage() {

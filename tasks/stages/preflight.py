@@ -5,6 +5,7 @@ import platform
 
 from ..graph import Context, action
 from ..kinds import KINDS
+from ..needs import ARM64_BINFMT
 from ..matrix import Build
 from ..run import UsageError, require_tool
 from ..tools import docker
@@ -24,6 +25,8 @@ def tools_needed(builds: tuple[Build, ...]) -> dict[str, str]:
             need["mmdebstrap"] = f"build the offline base rootfs of {b.flavor.path.name}"
             if b.arch != host_arch():
                 need["arch-test"] = f"let mmdebstrap build the {b.arch} base rootfs on this {host_arch()} host"
+        if b.arch == "arm64" and host_arch() != "arm64":
+            need[ARM64_BINFMT] = f"run the arm64 image's programs on this {host_arch()} host (binfmt_misc)"
         for kind in b.kinds:
             need.update(KINDS[kind].tools_for(b))
     return need

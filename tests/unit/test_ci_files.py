@@ -7,7 +7,6 @@ installers or a cache keyed by tool and version, with nothing the build does not
 from __future__ import annotations
 
 import re
-import shlex
 import shutil
 import string
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from tasks.matrix import parse_shard
+from tasks.needs import GO_TOOLS
 
 CI = Path(__file__).resolve().parents[2] / "ci"
 CACHED = {".state", "outputs", ".registry"}
@@ -27,16 +27,9 @@ INSTALLERS = {"cosign": "sigstore/cosign-installer", "grype": "anchore/scan-acti
 
 
 def project_pins() -> dict[str, str]:
-    """The go tools' pinned versions, {name: version}, as the project installs them.
-    The one place the tests read them from (ci/setup.sh's GO_TOOLS table)."""
-    text = (CI / "setup.sh").read_text()
-    table = re.search(r"^GO_TOOLS=\((.*?)^\)", text, re.S | re.M)
-    assert table, "ci/setup.sh has no GO_TOOLS=( ... ) table"
-    pins = {}
-    for line in table.group(1).splitlines():
-        for entry in shlex.split(line, comments=True):  # "name version module"
-            name, version, _module = entry.split()
-            pins[name] = version
+    """The go tools' pinned versions, {name: version}, as the project installs them
+    (tasks/needs.py GO_TOOLS, which ci/setup.sh installs from)."""
+    pins = {name: tool.version for name, tool in GO_TOOLS.items()}
     assert {"cosign", "grype"} <= set(pins), pins
     return pins
 
