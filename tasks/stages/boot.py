@@ -26,6 +26,7 @@ written to outputs, the serial logs stay under the state directory and the messa
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
@@ -94,7 +95,6 @@ def plan(b: Build) -> list[Step]:
 
 
 UKI_MEMORY = 4096  # MiB at least for a UKI: its initrd is the whole root file system, unpacked into RAM
-TPM_SOCKET = "swtpm.sock"  # in the boot's work directory
 
 
 def login_markers(b: Build, step: Step | None = None) -> tuple[str, ...]:
@@ -154,7 +154,8 @@ def serving(directory: Path, port: int):
         thread.join(timeout=10)
 
 
-def argv_for(paths: Paths, b: Build, step: Step, log: Path, work: Path) -> list[str]:
+def argv_for(paths: Paths, b: Build, step: Step, log: Path, work: Path, tpm: Path | None = None) -> list[str]:
+    """qemu's argv for one boot step; ``tpm``: swtpm's control socket (secureboot)."""
     memory = b.flavor.boot.memory
     artifact = paths.artifact(b, step.suffix)
     media = {"cdrom": artifact} if step.kind in ("iso", "ipxe", "uki") else {"disk": artifact}
@@ -170,7 +171,7 @@ def argv_for(paths: Paths, b: Build, step: Step, log: Path, work: Path) -> list[
         run(qemu.enrol_argv(enrolled, (keys / "GUID.txt").read_text().strip(), keys / "PK.crt", keys / "KEK.crt",
                             keys / "db.crt"), what="enrol the Secure Boot keys into OVMF's variables")
         return qemu.x86_argv(log, accel=qemu.accelerator(b.arch), memory=max(memory, UKI_MEMORY), uefi_vars=enrolled,
-                             secure_boot=True, tpm=work / TPM_SOCKET, **media)
+                             secure_boot=True, tpm=tpm, **media)
     uefi = qemu.fresh_vars(work) if step.how == "uefi" else None
     return qemu.x86_argv(log, accel=qemu.accelerator(b.arch), memory=memory, uefi_vars=uefi,
                          net=step.how == "netboot", **media)
@@ -178,16 +179,13 @@ def argv_for(paths: Paths, b: Build, step: Step, log: Path, work: Path) -> list[
 
 def boot_one(paths: Paths, b: Build, step: Step, work: Path) -> qemu.Boot:
     log = work / f"{step.name}.log"
-    argv = argv_for(paths, b, step, log, work)
-    say(f"    booting {paths.artifact(b, step.suffix).name} ({step.how}); waiting up to "
-        f"{b.flavor.boot.timeout}s for the login prompt")
-    if step.how == "netboot":
-        with serving(paths.version_dir(b.flavor.version), netboot_port(b.flavor.netboot_url)):
-            result = qemu.boot(argv, log, login_markers(b, step), b.flavor.boot.timeout)
-    elif step.how == "secureboot":
-        with qemu.software_tpm(work / TPM_SOCKET):
-            result = qemu.boot(argv, log, login_markers(b, step), b.flavor.boot.timeout)
-    else:
+    with contextlib.ExitStack() as stack:
+        tpm = stack.enter_context(qemu.software_tpm(work)) if step.how == "secureboot" else None
+        argv = argv_for(paths, b, step, log, work, tpm)
+        say(f"    booting {paths.artifact(b, step.suffix).name} ({step.how}); waiting up to "
+            f"{b.flavor.boot.timeout}s for the login prompt")
+        if step.how == "netboot":
+            stack.enter_context(serving(paths.version_dir(b.flavor.version), netboot_port(b.flavor.netboot_url)))
         result = qemu.boot(argv, log, login_markers(b, step), b.flavor.boot.timeout)
     say(f"    {step.name}: {'login prompt' if result.passed else 'NO login prompt'} after {result.seconds:.0f}s")
     return result

@@ -101,28 +101,32 @@ def swtpm_argv(state: Path, socket: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def software_tpm(socket: Path, wait: float = 10.0):
-    """A fresh software TPM (swtpm, Debian package swtpm) for one boot, controlled through
-    ``socket`` (for `x86_argv(tpm=socket)`), its state in a new directory beside it; always
-    stopped afterwards."""
+def software_tpm(work: Path, wait: float = 10.0):
+    """A fresh software TPM (swtpm, Debian package swtpm) for one boot; yields its control socket
+    (for `x86_argv(tpm=socket)`). Its state and log go to ``work`` (`swtpm.state/`, `swtpm.log`);
+    the socket to a new directory under /tmp, because a unix socket's path may not exceed 107
+    bytes and ``work`` can be deeper. Always stopped (and the socket directory removed) afterwards."""
     require_tool("swtpm", "give the Secure Boot machine a TPM 2.0 (Debian package swtpm)")
-    socket = Path(socket)
-    state, log = socket.with_name(socket.name + ".state"), socket.with_name(socket.name + ".log")
+    state, log = Path(work) / "swtpm.state", Path(work) / "swtpm.log"
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
-    socket.unlink(missing_ok=True)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(swtpm_argv(state, socket), stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    folder = Path(tempfile.mkdtemp(prefix="kairos-swtpm-", dir="/tmp"))
+    socket = folder / "swtpm.sock"
     try:
-        deadline = time.monotonic() + wait
-        while not socket.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not socket.exists():
-            raise UsageError(f"swtpm did not start: {_read(log).strip()[-500:] or 'no output'}")
-        yield socket
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(swtpm_argv(state, socket), stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        try:
+            deadline = time.monotonic() + wait
+            while not socket.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not socket.exists():
+                raise UsageError(f"swtpm did not start: {_read(log).strip()[-500:] or 'no output'}")
+            yield socket
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
     finally:
-        proc.kill()
-        proc.wait(timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _virt(log: Path, memory: int) -> list[str]:

@@ -121,13 +121,19 @@ def test_qemus_own_error_ends_the_serial_log(tmp_path):
 
 
 def test_software_tpm_runs_swtpm_while_in_use(tmp_path):
-    """A real swtpm: its control socket is there inside the block, and the process is gone after."""
-    socket = tmp_path / "swtpm.sock"
-    assert qemu.swtpm_argv(tmp_path / "st", socket) == [
-        "swtpm", "socket", "--tpm2", "--tpmstate", f"dir={tmp_path / 'st'}", "--ctrl", f"type=unixio,path={socket}",
-        "--terminate"]
-    with qemu.software_tpm(socket):
-        assert socket.is_socket()
+    """A real swtpm, for a work directory deeper than a unix socket's path may be (107 bytes): its
+    control socket is there inside the block (under /tmp), its state and log in the work directory,
+    and the process and the socket's directory are gone after."""
+    assert qemu.swtpm_argv(tmp_path / "st", tmp_path / "s.sock") == [
+        "swtpm", "socket", "--tpm2", "--tpmstate", f"dir={tmp_path / 'st'}", "--ctrl",
+        f"type=unixio,path={tmp_path / 's.sock'}", "--terminate"]
+    work = tmp_path / ("deep-" * 30) / "boot"
+    work.mkdir(parents=True)
+    assert len(str(work / "swtpm.sock")) > 107
+    with qemu.software_tpm(work) as socket:
+        assert socket.is_socket() and len(str(socket)) <= 107
+        assert (work / "swtpm.state").is_dir() and (work / "swtpm.log").is_file()
         running = subprocess.run(["pgrep", "-f", f"path={socket}"], capture_output=True, text=True).stdout.split()
         assert len(running) == 1
     assert subprocess.run(["pgrep", "-f", f"path={socket}"], capture_output=True).returncode == 1
+    assert not socket.parent.exists()
