@@ -22,7 +22,7 @@ from .providers import PROVIDERS, Provider, next_versions
 from .kinds import ARTIFACT_KINDS
 from .model import (
     ARCHES, BUILDERS, FIRMWARES, RAW_COMPRESSIONS, BootOptions, CONVERTERS, DEFAULT_AURORABOOT_IMAGE, DEVICES,
-    MMDEBSTRAP_VARIANTS, POLICIES, REF_RE, REPO_RE, SEVERITIES, SQUASHFS_COMPRESSORS, VARIANTS, BuiltinOptions,
+    MMDEBSTRAP_VARIANTS, OWN_TAG, POLICIES, REF_RE, REPO_RE, SEVERITIES, SQUASHFS_COMPRESSORS, VARIANTS, BuiltinOptions,
     ConfigError, ENROLL, Flavor, MmdebstrapBase, SECURE_BOOT_FILES, ScanOptions, SignOptions, SquashfsOptions,
     TrustedBoot, parse_ref)
 
@@ -303,6 +303,27 @@ TRUSTED_BOOT: dict[str, Check] = {
 }
 
 
+def _cache_from(c: _Checker, mapping: dict, key: str, prefix: str) -> tuple[str, ...] | None:
+    """`own` (the default: each build's own tag), `none`, or a list of image references and `own`."""
+    value = mapping[key]
+    if value == "none":
+        return ()
+    if value == OWN_TAG:
+        return (OWN_TAG,)
+    if not isinstance(value, list):
+        c.problem(prefix + key, f"must be {OWN_TAG}, none or a list of image references, "
+                  f"got {_type_name(value)} {value!r}", mapping, key)
+        return None
+    refs = c.choice_list(mapping, key, prefix)
+    if refs is None:
+        return None
+    wrong = [r for r in refs if r != OWN_TAG and not REF_RE.match(r)]
+    for ref in wrong:
+        c.problem(f"{prefix}{key}[{refs.index(ref)}]", f"invalid image reference {ref!r} "
+                  f"(e.g. ghcr.io/org/kairos:cache, or {OWN_TAG})", mapping, key)
+    return None if wrong else refs
+
+
 def _trusted_boot(c: _Checker, mapping: dict, key: str, prefix: str) -> TrustedBoot | None:
     """true/false, or a mapping (TRUSTED_BOOT) that means true; false is None."""
     value = mapping[key]
@@ -472,6 +493,7 @@ TOP: dict[str, Check] = {
     "sign": _section(SignOptions, SIGN),
     "boot": _section(BootOptions, BOOT),
     "cloud_config": _cloud_config,
+    "cache_from": _cache_from,
 }
 TOP_KEYS = (*TOP, *(p.policy_key for p in PROVIDERS.values()))
 

@@ -137,6 +137,9 @@ class SignOptions:
     keyless: bool = False
 
 
+OWN_TAG = "own"   # cache_from: the build's own image tag in its registry (its last push)
+
+
 @dataclass(frozen=True)
 class Flavor:
     """One flavor file, validated. Fields are the flavor file's keys (but path); fields
@@ -171,6 +174,9 @@ class Flavor:
     sign: SignOptions = field(default_factory=SignOptions)
     boot: BootOptions = field(default_factory=BootOptions)
     cloud_config: Path | None = None   # baked into the ISO (/config.yaml) and raw images (COS_OEM)
+    # image refs whose BuildKit inline cache the conversion reuses; OWN_TAG: each build's own tag
+    # (its last push); (): none, and the converted images carry no inline cache
+    cache_from: tuple[str, ...] = (OWN_TAG,)
 
     def provider_versions(self) -> tuple[tuple[str, str], ...]:
         """(provider, version) of each standard build: every version of every `<provider>_versions`

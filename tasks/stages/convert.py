@@ -27,6 +27,7 @@ from .. import naming
 from ..builders import native_iso
 from ..graph import Context, action, task
 from ..matrix import Build
+from ..model import OWN_TAG
 from ..run import run, say
 from ..state import Paths, build_context, read_digest, safe_id, write_text_atomic
 from ..tools import docker, qemu
@@ -300,6 +301,12 @@ def init_ident(b: Build) -> str | None:
 
 
 
+def cache_refs(b: Build) -> tuple[str, ...]:
+    """The images whose inline cache the conversion reuses (pure): `cache_from`, `own` being the
+    build's own tag (what its last push left in the registry)."""
+    return tuple(dict.fromkeys(b.image if ref == OWN_TAG else ref for ref in b.flavor.cache_from))
+
+
 def convert(paths: Paths, b: Build) -> None:
     base_digest = read_digest(paths.pulled(b.base.ident, b.arch))
     resolve.ensure_local(b.base.ref, base_digest, b.arch)
@@ -322,7 +329,10 @@ def convert(paths: Paths, b: Build) -> None:
         iid = ctx_dir / "iid"
         all_labels = dict(labels(b), **{"org.opencontainers.image.base.digest": base_digest})
         say(f"    docker build ({b.flavor.converter}, {b.platform}) -> {b.image}")
-        run(docker.build_argv(cli, ctx_dir, b.image, b.platform, iid, all_labels), env=cli.env(), show=True,
+        cache = cache_refs(b)
+        if cache:
+            say(f"    build cache from the registry: {', '.join(cache)}")
+        run(docker.build_argv(cli, ctx_dir, b.image, b.platform, iid, all_labels, cache), env=cli.env(), show=True,
             what=f"convert {b.stem}")
         image = docker.read_iidfile(iid)
     write_text_atomic(paths.image_id(b), image + "\n")
@@ -342,6 +352,7 @@ def tasks(ctx: Context):
             "issue": issue_text(b) if b.flavor.converter == "builtin" else "",
             "labels": labels(b), "platform": b.platform, "tag": b.image,
             "overlay": listing, "stage": STAGE_VERSION,
+            "inline_cache": bool(b.flavor.cache_from),  # in the image config: another image
         }, sort_keys=True)
         yield task(b.stem, f"convert {b.base.ref} ({b.platform}) with {b.flavor.converter} into {b.image}",
                    action(convert, ctx.paths, b), file_dep=deps + files, targets=[ctx.paths.image_id(b)], key=key)

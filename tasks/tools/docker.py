@@ -196,8 +196,10 @@ class BuildCli:
 
 
 def build_argv(cli: BuildCli, context: Path, image_tag: str, platform: str, iidfile: Path,
-               labels: dict[str, str] | None = None) -> list[str]:
-    """The argv of a BuildKit build of ``context`` (pure; table-tested)."""
+               labels: dict[str, str] | None = None, cache_from: tuple[str, ...] = ()) -> list[str]:
+    """The argv of a BuildKit build of ``context`` (pure; table-tested). With ``cache_from`` the
+    image carries BuildKit's inline cache (so a push shares its layers as build cache) and the
+    build reuses the inline cache of those images (a missing one is skipped by BuildKit)."""
     if cli.mode == "buildx":
         argv = [cli.path, "buildx", "build", "--load"]
     else:
@@ -205,6 +207,10 @@ def build_argv(cli: BuildCli, context: Path, image_tag: str, platform: str, iidf
     argv += ["--platform", platform, "--progress", "plain", "--iidfile", str(iidfile), "--tag", image_tag]
     for key, value in sorted((labels or {}).items()):
         argv += ["--label", f"{key}={value}"]
+    if cache_from:
+        argv += ["--build-arg", "BUILDKIT_INLINE_CACHE=1"]
+        for ref in cache_from:
+            argv += ["--cache-from", ref]
     argv.append(str(context))
     return argv
 

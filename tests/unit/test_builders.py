@@ -480,6 +480,15 @@ def test_build_argv(cli, platform, label_map, expected):
                       label_map) == expected
 
 
+@pytest.mark.parametrize("cli", [BuildCli("docker", "buildx"), BuildCli("/usr/bin/docker", "classic")])
+def test_build_argv_with_registry_cache(cli):
+    """The image carries the inline cache, and the build reads that of each cache_from image."""
+    argv = build_argv(cli, Path("/ctx"), "r/x:1", "linux/amd64", Path("/ctx/iid"), None, ("r/x:1", "r/y:cache"))
+    assert argv[-7:] == ["--build-arg", "BUILDKIT_INLINE_CACHE=1", "--cache-from", "r/x:1",
+                         "--cache-from", "r/y:cache", "/ctx"]
+    assert "--cache-from" not in build_argv(cli, Path("/ctx"), "r/x:1", "linux/amd64", Path("/ctx/iid"))
+
+
 @pytest.mark.parametrize("cli, env", [
     (BuildCli("docker", "buildx"), {}),
     (BuildCli("/usr/bin/docker", "classic"), {"DOCKER_BUILDKIT": "1"}),

@@ -332,6 +332,27 @@ def test_raw_compression_values(write_flavor, value, expected):
     assert f.raw_compression == expected
 
 
+@pytest.mark.parametrize("value, expected", [
+    (DROP, ("own",)), ("own", ("own",)), ("none", ()), ([], ()),
+    (["ghcr.io/org/kairos:cache", "own"], ("ghcr.io/org/kairos:cache", "own")),
+])
+def test_cache_from_values(write_flavor, value, expected):
+    (f,) = load_flavors([write_flavor("c.yaml", doc(cache_from=value))])
+    assert f.cache_from == expected
+
+
+@pytest.mark.parametrize("value, problem", [
+    (True, "cache_from: must be own, none or a list of image references, got a boolean True"),
+    ("latest", "cache_from: must be own, none or a list of image references, got a string 'latest'"),
+    (["Not A Ref"], "cache_from[0]: invalid image reference 'Not A Ref' (e.g. ghcr.io/org/kairos:cache, or own)"),
+    (["own", "own"], "cache_from[1]: duplicate value 'own'"),
+])
+def test_cache_from_bad_values(write_flavor, value, problem):
+    text = doc(cache_from=value)
+    path = write_flavor("c.yaml", text)
+    assert problems_of([path]) == [f"{path}:{line_of(text, 'cache_from:')}: {problem}"]
+
+
 def test_builder_and_netboot_defaults_and_values(write_flavor):
     (f,) = load_flavors([write_flavor("a.yaml", doc())])
     assert (f.builder, f.auroraboot_image, f.netboot_url) == \
