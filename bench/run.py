@@ -21,6 +21,9 @@ Rows (--only names in brackets):
               Goal for the task: <= 1.1.
   [reuse]     `doit convert:<stem>` of an already converted build in a fresh state directory
               (Docker's layer cache warm), next to the first conversion time in this bench dir.
+  [regcache]  `doit convert:<stem>` of that build in a fresh state directory on a second, empty
+              dockerd (a new CI runner): BuildKit takes the steps from the inline cache of the
+              build's last push (cache_from: own); next to the first (cold) conversion.
   [cold]      the default flavor (flavors/debian-12.yaml) from nothing: fresh state, a new
               mmdebstrap base (SOURCE_DATE_EPOCH of the moment, so no layer cache): the whole run,
               the run without its boot task, the boots' seconds to the login prompt, time per stage.
@@ -46,7 +49,7 @@ import os
 import sys
 from pathlib import Path
 
-from kbench.benches import bench_noop, bench_parallel, bench_reuse, bench_selective, bench_stage
+from kbench.benches import bench_noop, bench_parallel, bench_regcache, bench_reuse, bench_selective, bench_stage
 from kbench.by_hand import STAGES
 from kbench.common import BenchError, Row
 from kbench.flavors import prepare_matrix, prepare_real
@@ -59,7 +62,7 @@ from kbench.table import machine, markdown_table, plain_table
 DEFAULT_DIR = Path("/var/tmp/kairos-bench-matrix")
 DEFAULT_NS = "127.0.0.1:5000/bench"
 DEFAULT_TAR = Path("/var/tmp/kairos-test-cache/bookworm-minbase-amd64.tar")
-BENCHES = ("noop", "selective", "parallel", "stages", "reuse", "cold", "rpi4")
+BENCHES = ("noop", "selective", "parallel", "stages", "reuse", "regcache", "cold", "rpi4")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,7 +119,7 @@ def run_benches(args) -> list[Row]:
             rows.append(bench_noop(matrix, builds, args.repeat))
         if "selective" in args.only:
             rows.append(bench_selective(matrix, builds, args.repeat))
-    if {"parallel", "stages", "reuse"} & set(args.only):
+    if {"parallel", "stages", "reuse", "regcache"} & set(args.only):
         real = Space.under(args.dir / "real")
         a, b = prepare_real(real, args, images)
         if "parallel" in args.only:
@@ -125,6 +128,8 @@ def run_benches(args) -> list[Row]:
             rows += [bench_stage(real, a, stage, args.repeat) for stage in args.stages]
         if "reuse" in args.only:
             rows.append(bench_reuse(args.dir, real, a, args.repeat))
+        if "regcache" in args.only:
+            rows.append(bench_regcache(args.dir, real, a, args.repeat))
     if "cold" in args.only:
         rows.append(bench_cold(args.dir, args.registry))
     if "rpi4" in args.only:

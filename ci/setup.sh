@@ -93,6 +93,13 @@ PY=${PYTHON:-python3}
 base_out=$("$PY" -m tasks.needs) || die "$PY -m tasks.needs failed (python3 >= 3.11 is needed)"
 read_needs <<<"$base_out"
 apt_install "${NEED_APT[@]}"
+# Debian's own python3 comes without pip (package python3-pip) and refuses pip installs into it
+# (PEP 668: EXTERNALLY-MANAGED); this is a build machine, so they go into it all the same.
+"$PY" -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+if [ -e "$("$PY" -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')/EXTERNALLY-MANAGED" ]; then
+  export PIP_BREAK_SYSTEM_PACKAGES=1
+  log "$PY is externally managed (PEP 668, Debian's python3): pip installs into it with --break-system-packages"
+fi
 spent apt
 if ! "$PY" -c 'import doit, docker, yaml' 2>/dev/null; then
   if [ "$DRY" = 1 ]; then

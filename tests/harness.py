@@ -7,16 +7,20 @@ workspace) are in tests/integration/conftest.py.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import textwrap
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,3 +263,53 @@ def copy_flavors(ws: Workspace, dest: Path, names: list[str]) -> Path:
         if not (dest / overlay.name).exists():
             shutil.copytree(overlay, dest / overlay.name)
     return dest
+
+
+def _answers(sock: Path) -> bool:
+    return subprocess.run(["curl", "-fsS", "--max-time", "3", "--unix-socket", str(sock), "http://localhost/_ping"],
+                          capture_output=True).returncode == 0
+
+
+@contextlib.contextmanager
+def second_engine(start_timeout: float = 60):
+    """DOCKER_HOST of a second, empty dockerd (a new CI runner's engine): its own data root, exec
+    root and socket in a short directory under /var/tmp, its own bridge (made here: not `--bridge
+    none`, with which dockerd deletes the machine's docker0 at start) and no iptables,
+    so it leaves the machine's dockerd, docker0 and build cache alone; its RUN steps reach no
+    network. Stopped and removed (with its bridge) afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="ke2-", dir="/var/tmp"))
+    sock = root / "docker.sock"
+    log = root / "dockerd.log"
+    bridge = f"ke2{os.getpid() % 100000}"
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    proc = None
+    try:
+        subprocess.run(["ip", "addr", "add", "192.168.213.1/24", "dev", bridge], check=True)
+        subprocess.run(["ip", "link", "set", bridge, "up"], check=True)
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(["dockerd", "--data-root", str(root / "data"), "--exec-root", str(root / "x"),
+                                     "--pidfile", str(root / "docker.pid"), "-H", f"unix://{sock}", "--bridge", bridge,
+                                     "--iptables=false", "--ip-masq=false", "--ip-forward=false",
+                                     "--log-level", "warn"],
+                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        deadline = time.monotonic() + start_timeout
+        while not _answers(sock):
+            assert proc.poll() is None, f"the second dockerd exited: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"the second dockerd did not answer: {log.read_text()[-2000:]}"
+            time.sleep(0.5)
+        yield f"unix://{sock}"
+    finally:
+        if proc is not None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        subprocess.run(["ip", "link", "delete", bridge], capture_output=True)
+        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+                  if line.split()[1].startswith(str(root))]
+        for mount in sorted(mounts, reverse=True):
+            subprocess.run(["umount", "-l", mount], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tasks.matrix import Build
 from tasks.state import read_digest
-from tests.harness import ALWAYS_RUN
+from tests.harness import ALWAYS_RUN, second_engine
 
 from .by_hand import STAGES
 from .common import BenchError, Row, log, median, sh, timed
@@ -133,6 +133,16 @@ def bench_stage(space: Space, b: Build, stage: str, repeat: int) -> Row:
                {"process": p, "task": t, "hand": h, "process_ratio": p / h, "task_ratio": t / h})
 
 
+def first_conversion(root: Path) -> tuple[float | None, str]:
+    """The first conversion of this bench dir (recorded by prepare_real): seconds, and a phrase."""
+    record = root / "real" / FIRST_CONVERSION
+    first = json.loads(record.read_text()) if record.exists() else None
+    text = (f"first conversion in this bench dir {first['elapsed']:.0f} s "
+            f"({'also a cache hit' if first['cached'] else 'cold: apt-get, initramfs'})"
+            if first else "first conversion: not recorded")
+    return first, text
+
+
 def bench_reuse(root: Path, real: Space, a: Build, repeat: int) -> Row:
     """convert:<A> with the same flavor file in a fresh state directory."""
     fresh = Space(real.flavors, root / "reuse" / "state", root / "reuse" / "outputs")
@@ -151,11 +161,7 @@ def bench_reuse(root: Path, real: Space, a: Build, repeat: int) -> Row:
             same = read_digest(fresh.paths.image_id(a)) == read_digest(real.paths.image_id(a))
     finally:
         shutil.rmtree(fresh.state.parent, ignore_errors=True)
-    record = root / "real" / FIRST_CONVERSION
-    first = json.loads(record.read_text()) if record.exists() else None
-    first_text = (f"first conversion in this bench dir {first['elapsed']:.0f} s "
-                  f"({'also a cache hit' if first['cached'] else 'cold: apt-get, initramfs'})"
-                  if first else "first conversion: not recorded")
+    first, first_text = first_conversion(root)
     result = (f"{median(walls):.1f} s (convert task {median(task):.1f} s; ran "
               f"{', '.join(t.split(':')[0] for t in ran)}; "
               f"BuildKit {'cache hit' if cached else 'NO cache hit'}, same image ID: {'yes' if same else 'no'}); "
@@ -163,3 +169,29 @@ def bench_reuse(root: Path, real: Space, a: Build, repeat: int) -> Row:
     return Row("reuse", "conversion reuse (fresh state, warm layer cache)", result, "-", "-",
                {"wall": median(walls), "task": median(task), "executed": ran, "cached": cached,
                 "same_image": same, "first": first and first["elapsed"]})
+
+
+def bench_regcache(root: Path, real: Space, a: Build, repeat: int) -> Row:
+    """convert:<A> in a fresh state directory on a second, empty engine (a new CI runner): BuildKit
+    takes the steps from the inline cache of A's last push (cache_from: own)."""
+    doit(real, f"push:{a.stem}")  # the cache source: A's image in the registry
+    fresh = Space(real.flavors, root / "regcache" / "state", root / "regcache" / "outputs")
+    target = f"convert:{a.stem}"
+    walls, task, cached, same = [], [], False, False
+    try:
+        for _ in range(repeat):
+            shutil.rmtree(fresh.state.parent, ignore_errors=True)
+            with second_engine() as host:
+                run = doit(fresh, target, json_report=True, env={"DOCKER_HOST": host})
+            walls.append(run.wall)
+            task.append(run.elapsed[target])
+            cached = run_step_cached(run.outputs.get(target, ""))
+            same = read_digest(fresh.paths.image_id(a)) == read_digest(real.paths.image_id(a))
+    finally:
+        shutil.rmtree(fresh.state.parent, ignore_errors=True)
+    first, first_text = first_conversion(root)
+    result = (f"{median(walls):.1f} s (convert task {median(task):.1f} s; every RUN step "
+              f"{'CACHED' if cached else 'NOT cached'}, same image ID: {'yes' if same else 'no'}); {first_text}")
+    return Row("regcache", "conversion on an empty engine, cache from the registry", result, "-", "-",
+               {"wall": median(walls), "task": median(task), "cached": cached, "same_image": same,
+                "first": first and first["elapsed"]})
