@@ -3,7 +3,7 @@
 #
 #   bash bench/fresh-machine.sh [COMMIT]     (default HEAD; as root, needs bash ci/setup.sh first)
 #
-# The fresh machine is a privileged container of the Debian 12 minbase rootfs (the tests' cached
+# The fresh machine is a container (all capabilities this host has) of the Debian 12 minbase rootfs (the tests' cached
 # mmdebstrap tarball) plus python3, as a cloud image brings it; its own dockerd (storage on a
 # scratch directory of the host), its own registry on its own 127.0.0.1:5000, and the network of
 # Docker's bridge (Debian's mirror, PyPI). In it, a clone of COMMIT runs
@@ -23,6 +23,7 @@ cleanup() {
   docker rm -f "$id" >/dev/null 2>&1 || true
   docker rmi -f "$id:bookworm" >/dev/null 2>&1 || true
   rm -rf "$scratch"
+  find /sys/fs/cgroup -depth -type d -name kairos-fresh -exec rmdir {} + 2>/dev/null || true
 }
 trap cleanup EXIT
 
@@ -37,9 +38,22 @@ RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq 
 CMD ["sleep", "infinity"]
 EOF
 echo "fresh-machine: building the machine image (Debian 12 minbase + python3; not timed)"
-docker build -q -t "$id:bookworm" "$scratch/ctx" >/dev/null
-docker run -d --privileged --name "$id" -v "$scratch/docker:/var/lib/docker" -v "$scratch/src:/src:ro" \
-  "$id:bookworm" >/dev/null
+/usr/bin/docker build -q -t "$id:bookworm" "$scratch/ctx" >/dev/null
+# The host's CA bundle, for the network's sake (where HTTPS goes through a proxy with its own CA,
+# as here, a fresh machine of this network trusts that CA too); pip and Python read it from these.
+trust=()
+if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+  trust=(-v /etc/ssl/certs/ca-certificates.crt:/etc/kairos-host-ca.crt:ro)
+  for var in PIP_CERT SSL_CERT_FILE REQUESTS_CA_BUNDLE CURL_CA_BUNDLE; do trust+=(-e "$var=/etc/kairos-host-ca.crt"); done
+fi
+# Not --privileged: that asks for every capability, and this machine's bounding set lacks
+# CAP_SYS_RESOURCE. All the others, no seccomp/AppArmor profile, the host's cgroup tree (the
+# inner dockerd puts its containers under /kairos-fresh in it) and a writable /sys do the same.
+docker run -d --name "$id" --cap-add ALL --cap-drop SYS_RESOURCE --security-opt seccomp=unconfined \
+  --security-opt apparmor=unconfined --security-opt systempaths=unconfined -v /sys/fs/cgroup:/sys/fs/cgroup \
+  -v "$scratch/docker:/var/lib/docker" -v "$scratch/src:/src:ro" "${trust[@]}" "$id:bookworm" >/dev/null
+docker exec "$id" sh -c 'mount -o remount,rw /sys && mkdir -p /etc/docker &&
+  echo "{\"cgroup-parent\": \"/kairos-fresh\"}" >/etc/docker/daemon.json'
 
 echo "fresh-machine: bash ci/setup.sh && python3 -m doit in a clone of ${commit:0:12} (minutes)"
 docker exec "$id" bash -c 'cp -a /src /root/kairos && cd /root/kairos &&
