@@ -14,7 +14,7 @@ from tasks.model import BuiltinOptions, MmdebstrapBase, SquashfsOptions
 from tasks.run import run
 from tasks.stages import preflight
 from tasks.stages.base import mmdebstrap_argv
-from tasks.stages.convert import (DIGEST, builtin_initrd_script, builtin_scripts, dockerfile,
+from tasks.stages.convert import (DIGEST, cache_refs, builtin_initrd_script, builtin_scripts, dockerfile,
                                   dockerfile_builtin, dockerfile_kairos_init, overlay_touches_initrd,
                                   kairos_init_flags, kairos_release, labels, overlay_files)
 from tasks.stages.extract import mksquashfs_argv, pick_boot_file
@@ -478,6 +478,16 @@ def test_mmdebstrap_argv(base, arch, expected):
 def test_build_argv(cli, platform, label_map, expected):
     assert build_argv(cli, Path("/ctx"), "quay.io/kairos/ubuntu:24.04-core", platform, Path("/ctx/iid"),
                       label_map) == expected
+
+
+@pytest.mark.parametrize("cache_from, expected", [
+    (("own",), ["{image}"]),
+    ((), []),
+    (("r.io/k/x:cache", "own", "r.io/k/x:cache"), ["r.io/k/x:cache", "{image}"]),
+])
+def test_cache_refs_name_the_builds_own_tag_for_own(make_build, cache_from, expected):
+    b = make_build(cache_from=cache_from)
+    assert cache_refs(b) == tuple(e.format(image=b.image) for e in expected)
 
 
 @pytest.mark.parametrize("cli", [BuildCli("docker", "buildx"), BuildCli("/usr/bin/docker", "classic")])
