@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from .kinds import BLOB_SIGNATURE_SUFFIXES, CHECKSUM_SUFFIX, KINDS, boot_file_na
 from .run import KairosError, UsageError
 
 TMP_MARK = ".partial-"
+# fault injection for the kill tests: the writer of the output of this file name stops itself
+FAULT_STOP = "KAIROS_FAULT_STOP"
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,14 @@ def clean_partials(path: Path) -> None:
                     leftover.unlink(missing_ok=True)
 
 
+def fault_point(path: Path) -> None:
+    """When KAIROS_FAULT_STOP names ``path``'s file (tests only; unset, nothing happens), stop this
+    process (SIGSTOP) with ``path`` complete under its partial name, right before the rename: a
+    test can then SIGKILL the run at exactly the point where a crash must leave no final file."""
+    if os.environ.get(FAULT_STOP) == path.name:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path):
     """Yield a temp path next to ``path``; rename it into place on success only."""
@@ -152,6 +163,7 @@ def atomic_path(path: Path):
             raise KairosError(f"step produced no file at {tmp}")
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        fault_point(path)
         os.replace(tmp, path)
     except OSError as exc:  # e.g. a full disk: name the file, not a traceback
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -1,6 +1,7 @@
-"""Faults: doit SIGKILLed in the middle of squashfs, ISO, raw image and signing (mid-xz: test_release,
-which compresses its image anyway; here `raw_compression: none` saves minutes); targets
-deleted or truncated by hand; an outputs filesystem that is full. A killed step
+"""Faults: doit SIGKILLed in the middle of squashfs, ISO and raw image (once the partial file shows
+up), and of signing deterministically (stopped by KAIROS_FAULT_STOP right before the signature's
+rename, then killed there); mid-xz is test_release's, which compresses its image anyway (here
+`raw_compression: none` saves minutes); targets deleted or truncated by hand; an outputs filesystem that is full. A killed step
 never leaves a file under its final name, and the next run completes it."""
 from __future__ import annotations
 
@@ -72,6 +73,31 @@ def kill_during(ws: Workspace, task: str, partial_prefix: str, env: dict | None 
         proc.wait()
 
 
+def process_state(pid: int) -> str:
+    """The state letter of /proc/<pid>/stat (R, S, T for stopped, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def kill_before_rename(ws: Workspace, task: str, name: str, env: dict | None = None) -> None:
+    """Deterministic: run `doit <task>` with KAIROS_FAULT_STOP=<name>, so the writer of `name` stops
+    itself (SIGSTOP) with the file complete under its partial name, right before its rename; then
+    SIGKILL the whole process group at exactly that point."""
+    full = dict(os.environ, KAIROS_FLAVORS=str(ws.flavors), KAIROS_STATE=str(ws.state),
+                KAIROS_OUTPUTS=str(ws.outputs), KAIROS_FAULT_STOP=name, **(env or {}))
+    proc = subprocess.Popen([sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), task],
+                            env=full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + KILL_TIMEOUT
+    try:
+        while process_state(proc.pid) != "T":
+            assert proc.poll() is None, f"doit {task} ended without stopping before renaming {name}"
+            assert time.monotonic() < deadline, f"doit {task} did not stop before renaming {name} within {KILL_TIMEOUT}s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def extract_containers(engine, ws: Workspace, b) -> list:
     owner = extract.container_owner(Paths(ws.state, ws.outputs), b, "squashfs")
     return engine.containers.list(all=True, filters={"label": f"{docker_tools.EXTRACT_LABEL}={owner}"})
@@ -127,7 +153,13 @@ def test_sigkill_mid_signing(fws):
     ws, b, env = fws
     assert ws.doit(f"build:{b.stem}", env=env).rc == 0  # everything but a fresh signature
     assert ws.doit("forget", f"sign:{b.stem}").rc == 0
-    kill_during(ws, f"sign:{b.stem}", f"{b.stem}.squashfs.sha256.sig", env=env)
+    sig = f"{b.stem}.squashfs.sha256.sig"
+    before = out(ws, sig).read_bytes()  # the signature of the build: run
+    kill_before_rename(ws, f"sign:{b.stem}", sig, env=env)
+    # killed with the new signature complete under its partial name: the old one is still in place
+    (partial,) = [p for p in partials(ws) if p.startswith(f".{sig}.partial-")]
+    new = out(ws, partial).read_bytes()
+    assert out(ws, sig).read_bytes() == before and new and new != before  # cosign's signatures are randomized
     result = ws.doit(env=env)
     assert result.rc == 0, result.err
     assert f"sign:{b.stem}" in result.executed  # not recorded as done: it runs again

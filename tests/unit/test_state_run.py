@@ -262,3 +262,31 @@ def test_require_tool_returns_the_full_path(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     assert require_tool("mksquashfs", "x") == str(tool)
     assert Path(require_tool("sh", "x")) == Path(shutil.which("sh"))
+
+
+def test_fault_stop_stops_the_writer_with_the_file_complete_under_its_partial_name(tmp_path):
+    """KAIROS_FAULT_STOP=<file name>: atomic_path's process stops itself (SIGSTOP) right before the
+    rename, the output complete under its partial name; killed there, no final file exists."""
+    import signal
+    import time
+    final = tmp_path / "out.bin"
+    code = ("import sys; from pathlib import Path; from tasks.state import atomic_path\n"
+            "with atomic_path(Path(sys.argv[1])) as tmp:\n    tmp.write_bytes(b'x' * 4096)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(final)], env=dict(os.environ, KAIROS_FAULT_STOP="out.bin"),
+                            cwd=Path(__file__).resolve().parents[2])
+    try:
+        for _ in range(200):
+            state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state == "T" or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert state == "T", f"not stopped (state {state}, rc {proc.poll()})"
+        assert not final.exists() and (tmp_path / f".out.bin{TMP_MARK}{proc.pid}").read_bytes() == b"x" * 4096
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not final.exists()
+    # another file name: no stop, the file is renamed into place
+    done = subprocess.run([sys.executable, "-c", code, str(final)], env=dict(os.environ, KAIROS_FAULT_STOP="other"),
+                          cwd=Path(__file__).resolve().parents[2], timeout=60)
+    assert done.returncode == 0 and final.read_bytes() == b"x" * 4096
