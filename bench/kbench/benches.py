@@ -2,6 +2,7 @@
 reuse on the two real builds. Each returns a Row; BenchError when the wrong tasks run."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -143,15 +144,19 @@ def first_conversion(root: Path) -> tuple[float | None, str]:
     return first, text
 
 
-def bench_reuse(root: Path, real: Space, a: Build, repeat: int) -> Row:
-    """convert:<A> with the same flavor file in a fresh state directory."""
-    fresh = Space(real.flavors, root / "reuse" / "state", root / "reuse" / "outputs")
+def fresh_conversions(root: Path, name: str, real: Space, a: Build, repeat: int, engine=contextlib.nullcontext):
+    """`doit convert:<A>` ``repeat`` times, each in a fresh state directory under root/<name> (removed
+    afterwards), with the environment ``engine()`` yields (None: the machine's engine). Returns the
+    walls, the convert task's times, the tasks that ran, whether BuildKit took every RUN step from a
+    cache, and whether the image ID equals the kept state's."""
+    fresh = Space(real.flavors, root / name / "state", root / name / "outputs")
     target = f"convert:{a.stem}"
-    walls, task, ran, cached = [], [], [], False
+    walls, task, ran, cached, same = [], [], [], False, False
     try:
         for _ in range(repeat):
             shutil.rmtree(fresh.state.parent, ignore_errors=True)
-            run = doit(fresh, target, json_report=True)
+            with engine() as env:
+                run = doit(fresh, target, json_report=True, env=env)
             if target not in run.executed:
                 raise BenchError(f"fresh state: {target} did not run ({run.executed})")
             walls.append(run.wall)
@@ -161,6 +166,12 @@ def bench_reuse(root: Path, real: Space, a: Build, repeat: int) -> Row:
             same = read_digest(fresh.paths.image_id(a)) == read_digest(real.paths.image_id(a))
     finally:
         shutil.rmtree(fresh.state.parent, ignore_errors=True)
+    return walls, task, ran, cached, same
+
+
+def bench_reuse(root: Path, real: Space, a: Build, repeat: int) -> Row:
+    """convert:<A> with the same flavor file in a fresh state directory."""
+    walls, task, ran, cached, same = fresh_conversions(root, "reuse", real, a, repeat)
     first, first_text = first_conversion(root)
     result = (f"{median(walls):.1f} s (convert task {median(task):.1f} s; ran "
               f"{', '.join(t.split(':')[0] for t in ran)}; "
@@ -171,24 +182,17 @@ def bench_reuse(root: Path, real: Space, a: Build, repeat: int) -> Row:
                 "same_image": same, "first": first and first["elapsed"]})
 
 
+@contextlib.contextmanager
+def _empty_engine():
+    with second_engine() as host:
+        yield {"DOCKER_HOST": host}
+
+
 def bench_regcache(root: Path, real: Space, a: Build, repeat: int) -> Row:
     """convert:<A> in a fresh state directory on a second, empty engine (a new CI runner): BuildKit
     takes the steps from the inline cache of A's last push (cache_from: own)."""
     doit(real, f"push:{a.stem}")  # the cache source: A's image in the registry
-    fresh = Space(real.flavors, root / "regcache" / "state", root / "regcache" / "outputs")
-    target = f"convert:{a.stem}"
-    walls, task, cached, same = [], [], False, False
-    try:
-        for _ in range(repeat):
-            shutil.rmtree(fresh.state.parent, ignore_errors=True)
-            with second_engine() as host:
-                run = doit(fresh, target, json_report=True, env={"DOCKER_HOST": host})
-            walls.append(run.wall)
-            task.append(run.elapsed[target])
-            cached = run_step_cached(run.outputs.get(target, ""))
-            same = read_digest(fresh.paths.image_id(a)) == read_digest(real.paths.image_id(a))
-    finally:
-        shutil.rmtree(fresh.state.parent, ignore_errors=True)
+    walls, task, _, cached, same = fresh_conversions(root, "regcache", real, a, repeat, _empty_engine)
     first, first_text = first_conversion(root)
     result = (f"{median(walls):.1f} s (convert task {median(task):.1f} s; every RUN step "
               f"{'CACHED' if cached else 'NOT cached'}, same image ID: {'yes' if same else 'no'}); {first_text}")
