@@ -265,7 +265,8 @@ def copy_flavors(ws: Workspace, dest: Path, names: list[str]) -> Path:
     return dest
 
 
-def _answers(sock: Path) -> bool:
+def engine_answers(sock: Path = Path("/var/run/docker.sock")) -> bool:
+    """Whether the dockerd listening on ``sock`` answers its ping."""
     return subprocess.run(["curl", "-fsS", "--max-time", "3", "--unix-socket", str(sock), "http://localhost/_ping"],
                           capture_output=True).returncode == 0
 
@@ -294,7 +295,7 @@ def second_engine(start_timeout: float = 60):
                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
         deadline = time.monotonic() + start_timeout
-        while not _answers(sock):
+        while not engine_answers(sock):
             assert proc.poll() is None, f"the second dockerd exited: {log.read_text()[-2000:]}"
             assert time.monotonic() < deadline, f"the second dockerd did not answer: {log.read_text()[-2000:]}"
             time.sleep(0.5)

@@ -25,7 +25,7 @@ import pytest
 from tasks.config import load_flavors
 from tasks.matrix import expand
 
-from tests.harness import LZ4, REPO, Result, Workspace, standin_doc, write_flavor
+from tests.harness import LZ4, REPO, Result, Workspace, engine_answers, standin_doc, write_flavor
 
 pytestmark = pytest.mark.integration
 SPARE = "127.0.0.1:5001"
@@ -160,11 +160,6 @@ def stop_dockerd() -> None:
         os.kill(pid, 15)  # SIGTERM: what `systemctl stop docker` sends
 
 
-def engine_up() -> bool:
-    return subprocess.run(["curl", "-fsS", "--max-time", "3", "--unix-socket", "/var/run/docker.sock",
-                           "http://localhost/_ping"], capture_output=True).returncode == 0
-
-
 @pytest.mark.stops_engine
 def test_docker_daemon_stopped_mid_conversion_is_a_clear_error_and_the_next_run_completes(
         tmp_path_factory, ns, bases, standin):
@@ -192,7 +187,7 @@ def test_docker_daemon_stopped_mid_conversion_is_a_clear_error_and_the_next_run_
     finally:
         setup = subprocess.run(["bash", str(REPO / "ci" / "setup.sh")], capture_output=True, text=True,
                                stdin=subprocess.DEVNULL, timeout=WAIT)
-        assert setup.returncode == 0 and engine_up(), setup.stdout + setup.stderr
+        assert setup.returncode == 0 and engine_answers(), setup.stdout + setup.stderr
 
     again = ws.doit(f"squashfs:{b.stem}")
     assert again.rc == 0, again.err
