@@ -152,7 +152,8 @@ def fault_point(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: Path):
-    """Yield a temp path next to ``path``; rename it into place on success only."""
+    """Yield a temp path next to ``path``; rename it into place on success only. A `<path>.sha256`
+    beside it is removed first: it described the file being replaced (write_checksum writes the new one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_partials(path)
@@ -164,6 +165,9 @@ def atomic_path(path: Path):
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         fault_point(path)
+        # the old file's checksum goes before the new file takes its name: killed in between, the
+        # final name holds the old file without a checksum (the step reruns), never a mismatch
+        checksum_path(path).unlink(missing_ok=True)
         os.replace(tmp, path)
     except OSError as exc:  # e.g. a full disk: name the file, not a traceback
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -85,3 +85,54 @@ def test_noop_and_selective_rows_report_what_ran(tmp_path, ns, standin, rootfs_t
     assert cleaned.returncode == 0, cleaned.stderr
     assert not (tmp_path / "bench").exists()
     assert images_under(engine, registry) == []
+
+
+TORTURE = REPO / "bench" / "torture.py"
+
+
+def test_torture_small_profile_finds_nothing_corrupt_or_stale_and_its_checks_catch_both(
+        tmp_path, ns, standin, rootfs_tar, engine):
+    """bench/torture.py --profile small: a few seeded trials, each killed in its stage and resumed;
+    then the same checks on a squashfs with one byte flipped and on a marker the build does not
+    hold, to show they would have reported corruption and staleness."""
+    registry = f"{ns}/torture"
+    where = ["--dir", str(tmp_path / "torture"), "--registry", registry]
+    figures = tmp_path / "torture.json"
+    try:
+        proc = subprocess.run([sys.executable, str(TORTURE), "--profile", "small", "--trials", "6", "--seed", "3",
+                               *where, "--kairos-init", standin, "--rootfs-tar", str(rootfs_tar),
+                               "--json", str(figures)],
+                              capture_output=True, text=True, timeout=1200, stdin=subprocess.DEVNULL)
+        print(f"$ bench/torture.py --profile small --trials 6 -> {proc.returncode}\n{proc.stdout}\n{proc.stderr[-6000:]}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        data = json.loads(figures.read_text())
+        assert data["trials"] == 6
+        assert sum(data["kills"].values()) >= 6 - data["missed"] > 0
+        assert (data["corrupt"], data["stale"], data["leftovers"], data["noop_ran"], data["verify_failed"]) == \
+            ([], [], [], [], [])
+        assert "corrupt files       0" in proc.stdout and "stale files         0" in proc.stdout
+
+        sys.path.insert(0, str(REPO / "bench"))
+        from kbench import torture
+        from kbench.space import Space
+        space = Space.under(tmp_path / "torture" / "small")
+        (b,) = space.builds()
+        squashfs = space.paths.artifact(b, ".squashfs")
+        markers = torture.current_markers(space)
+        assert torture.stale_files(space, torture.PROFILES["small"], markers, torture.Hashes()) == []
+        with open(squashfs, "r+b") as f:
+            f.seek(4096)
+            byte = f.read(1)
+            f.seek(4096)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        assert torture.corrupt_files(space, torture.Hashes()) == [squashfs.name]
+        stale = torture.stale_files(space, torture.PROFILES["small"], {**markers, "overlay": "not-built"},
+                                    torture.Hashes())
+        assert f"{squashfs.name} (SHA256SUMS)" in stale
+        assert any(s.startswith(f"{squashfs.name} (overlay marker") for s in stale)
+    finally:
+        cleaned = subprocess.run([sys.executable, str(TORTURE), "--clean", *where], capture_output=True, text=True,
+                                 timeout=600, stdin=subprocess.DEVNULL)
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert not (tmp_path / "torture").exists()
+    assert images_under(engine, registry) == []

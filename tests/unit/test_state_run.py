@@ -49,6 +49,29 @@ def test_atomic_path(tmp_path, outcome, previous):
     assert sorted(p.name for p in out.parent.iterdir()) == ([out.name] if expected is not None else [])
 
 
+@pytest.mark.parametrize("outcome", ["success", "exception"])
+def test_a_replaced_file_never_sits_beside_the_old_files_checksum(tmp_path, outcome):
+    """Found by bench/torture.py: the artifact was renamed into place, the run killed before
+    write_checksum, and the new file sat beside the old one's .sha256. The checksum now goes
+    right before the rename; a failed step keeps both."""
+    out = tmp_path / "kairos-x.squashfs"
+    out.write_text("old\n")
+    old_sum = write_checksum(out).read_text()
+    try:
+        with atomic_path(out) as tmp:
+            tmp.write_text("new\n")
+            if outcome == "exception":
+                raise Boom("killed before the rename")
+    except Boom:
+        pass
+    sha = out.with_name(out.name + ".sha256")
+    if outcome == "success":
+        assert out.read_text() == "new\n" and not sha.exists()
+        assert write_checksum(out).read_text() == f"{hashlib.sha256(b'new' + bytes([10])).hexdigest()}  {out.name}\n"
+    else:
+        assert out.read_text() == "old\n" and sha.read_text() == old_sum
+
+
 @pytest.mark.parametrize("leftover_kind", ["file", "dir", "symlink"])
 def test_atomic_path_cleans_leftovers_of_a_killed_attempt(tmp_path, leftover_kind):
     out = tmp_path / "kairos-x-kernel"
