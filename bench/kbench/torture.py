@@ -261,6 +261,7 @@ class Totals:
     noop_ran: list[str] = dataclasses.field(default_factory=list)
     verify_failed: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    records: list[dict] = dataclasses.field(default_factory=list)   # one per trial
 
 
 def dirty(space: Space, stage: str, trial: int, rng: random.Random, markers: dict[str, str]) -> str:
@@ -303,12 +304,15 @@ def trial(space: Space, profile: Profile, n: int, rng: random.Random, markers: d
     what = dirty(space, stage, n, rng, markers)
     delay = rng.uniform(0, spans.get(stage, 5.0))
     totals.aimed[stage] += 1
+    record = {"trial": n, "aimed": stage, "change": what, "delay": round(delay, 2), "killed_in": []}
+    totals.records.append(record)
     started = time.monotonic()
     outcome = run_doit(space, (stage, delay))
     kills = 0
     while outcome.rc is None:
         kills += 1
         totals.kills[outcome.killed_in.split(":", 1)[0]] += 1
+        record["killed_in"].append(outcome.killed_in)
         bad = corrupt_files(space, hashes)
         totals.corrupt += [f"trial {n}: {x}" for x in bad]
         log(f"  trial {n}: {what}; aimed at {stage} +{delay:.1f} s; killed in {outcome.killed_in} "
@@ -337,7 +341,8 @@ def trial(space: Space, profile: Profile, n: int, rng: random.Random, markers: d
     if verify.returncode != 0:
         totals.verify_failed.append(f"trial {n}: {(verify.stdout + verify.stderr).strip()[-500:]}")
     totals.trials += 1
-    log(f"  trial {n}: complete after {kills} kill(s), {time.monotonic() - started:.0f} s; stale: "
+    log(f"  trial {n}: complete after {kills} kill(s) (aimed at {record['aimed']}), "
+        f"{time.monotonic() - started:.0f} s; stale: "
         f"{', '.join(after) or 'none'}; leftovers: {', '.join(left) or 'none'}; verify rc {verify.returncode}; "
         f"no-op ran {', '.join(noop.build_actions) or 'nothing'}")
 
@@ -399,4 +404,5 @@ def as_json(totals: Totals, profile: Profile, seed: int) -> dict:
     return {"profile": profile.name, "seed": seed, "trials": totals.trials, "kills": dict(totals.kills),
             "aimed": dict(totals.aimed), "missed": totals.missed, "resumes": totals.resumes,
             "corrupt": totals.corrupt, "stale": totals.stale, "leftovers": totals.leftovers,
-            "noop_ran": totals.noop_ran, "verify_failed": totals.verify_failed, "seconds": totals.seconds}
+            "noop_ran": totals.noop_ran, "verify_failed": totals.verify_failed, "seconds": totals.seconds,
+            "records": totals.records}
