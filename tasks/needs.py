@@ -160,7 +160,7 @@ PROGRAMS: dict[str, Program] = {
 # always: the Docker engine (docker.io unless an engine with buildx answers: ci/setup.sh's rule),
 # the local registry, what ci/setup.sh itself runs, and the project's Python packages (`pip: .`)
 BASE: tuple[str, ...] = ("docker", "docker-registry", "curl", "git")
-# only the test suite: linters of the CI files, the TCP proxy of the outage tests, crane for
+# only the test suite: linters of the CI files, socat (the engine's TCP proxy in a test), crane for
 # the -img carriers, keys for Trusted Boot tests (genkey), and pyproject.toml's [test]
 TEST_ONLY: tuple[str, ...] = ("shellcheck", "socat", "actionlint", "crane", "openssl", "cert-to-efi-sig-list",
                               "sign-efi-sig-list")
