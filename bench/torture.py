@@ -10,8 +10,9 @@ Usage:
 
 Profiles:
   default  the default flavor's build (mmdebstrap bookworm base, builtin converter, kernel, initrd,
-           squashfs, ISO, sbom, trivy), signed with a cosign key, plus a generic raw image
-           (raw_compression: none); no boot checks. A trial takes one to a few minutes.
+           squashfs, ISO, sbom, trivy), signed with a cosign key, plus a generic raw image; lz4
+           squashfs and raw_compression none keep trials short; no boot checks (they write logs,
+           not artifacts). A trial takes seconds to a few minutes.
   small    a kairos-init STAND-IN (tests/harness.py; it is not kairos-init) on a tiny base:
            squashfs, sbom, trivy, signed. A trial takes seconds.
 

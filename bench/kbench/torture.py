@@ -54,7 +54,8 @@ class Profile:
 
 PROFILES = {
     # the default flavor's build (mmdebstrap base, builtin converter, kernel/initrd/squashfs/iso,
-    # sbom, trivy) signed, plus a generic raw image; no boot checks (they write logs, not artifacts)
+    # sbom, trivy) signed, plus a generic raw image; lz4 and no raw compression keep trials short;
+    # no boot checks (they write logs, not artifacts)
     "default": Profile("default", ("bootstrap", "seed", "pull", "convert", "push", "kernel", "initrd", "squashfs",
                                    "iso", "raw", "sbom", "trivy", "sign", "manifest"), (".iso", ".img")),
     # seconds per trial, for the test suite: kairos-init STAND-IN (not kairos-init) on a tiny base
@@ -72,7 +73,7 @@ def write_flavor(space: Space, profile: Profile, registry: str, images: Images) 
         write_if_changed(space.flavors / "cloud-config.yml.in", cloud_config("initial"))
         doc = builtin_doc("torture", {"mmdebstrap": {"suite": "bookworm"}}, f"{registry}/kairos",
                           ["kernel", "initrd", "squashfs", "iso", "raw", "sbom", "trivy", "sign"],
-                          raw_generic=True, raw_compression="none", squashfs={"compression": "gzip"},
+                          raw_generic=True, raw_compression="none", squashfs=LZ4,
                           cloud_config="cloud-config.yml.in", **common)
     else:
         doc = standin_doc("torture", images.tiny_base(), images.standin(), f"{registry}/kairos",
