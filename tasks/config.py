@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import yaml
 
+from . import epoch
 from .providers import PROVIDERS, Provider, next_versions
 from .kinds import ARTIFACT_KINDS
 from .model import (
@@ -152,13 +153,17 @@ class _Checker:
             return None
         return value
 
-    def integer(self, mapping, key, prefix="", *, minimum):
+    def integer(self, mapping, key, prefix="", *, minimum, maximum=None, hint=""):
         value = mapping[key]
         if isinstance(value, bool) or not isinstance(value, int):
             self.problem(prefix + key, f"must be a whole number, got {_type_name(value)} {value!r}", mapping, key)
             return None
         if value < minimum:
             self.problem(prefix + key, f"must be at least {minimum}, got {value}", mapping, key)
+            return None
+        if maximum is not None and value > maximum:
+            self.problem(prefix + key, f"must be at most {maximum}{' (' + hint + ')' if hint else ''}, got {value}",
+                         mapping, key)
             return None
         return value
 
@@ -221,8 +226,8 @@ def _list(choices: tuple[str, ...] | None = None, pattern: re.Pattern | None = N
     return partial(_Checker.choice_list, choices=choices, pattern=pattern, hint=hint)
 
 
-def _int(minimum: int) -> Check:
-    return partial(_Checker.integer, minimum=minimum)
+def _int(minimum: int, maximum: int | None = None, hint: str = "") -> Check:
+    return partial(_Checker.integer, minimum=minimum, maximum=maximum, hint=hint)
 
 
 _BOOL: Check = _Checker.boolean
@@ -494,6 +499,7 @@ TOP: dict[str, Check] = {
     "boot": _section(BootOptions, BOOT),
     "cloud_config": _cloud_config,
     "cache_from": _cache_from,
+    "source_date_epoch": _int(0, epoch.MAX, epoch.HINT),
 }
 TOP_KEYS = (*TOP, *(p.policy_key for p in PROVIDERS.values()))
 

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .epoch import environment_epoch
 from .run import CommandError, KairosError, UsageError, require_tool, run, say
 from .state import scratch_dir
 
@@ -56,7 +57,6 @@ KEY_BITS = 2048
 DAYS = 3650
 CN_MAX = 64                                # X.520 upper bound of a commonName
 DEFAULT_EPOCH = 1704067200                 # 2024-01-01 00:00:00 UTC: .auth timestamp without SOURCE_DATE_EPOCH
-MAX_EPOCH = 253402300799                   # 9999-12-31 23:59:59 UTC, the last EFI_TIME
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"     # what `sign-efi-sig-list -t` parses; anything else gives garbage
 SECRET_MODE, PUBLIC_MODE, DIR_MODE = 0o600, 0o644, 0o700
 TOOLS = {
@@ -132,14 +132,7 @@ def sign_esl_argv(var: str, guid: str, timestamp: str, key: Path, crt: Path, esl
 
 def auth_timestamp(environ: Mapping[str, str]) -> str:
     """The .auth timestamp (UTC): SOURCE_DATE_EPOCH when set, else DEFAULT_EPOCH."""
-    text = environ.get("SOURCE_DATE_EPOCH", "").strip()
-    if not text:
-        epoch = DEFAULT_EPOCH
-    elif not text.isdigit() or int(text) > MAX_EPOCH:
-        raise UsageError(f"SOURCE_DATE_EPOCH={text!r}: give the seconds since 1970-01-01 UTC "
-                         f"(0 to {MAX_EPOCH}), e.g. $(git log -1 --format=%ct)")
-    else:
-        epoch = int(text)
+    epoch = environment_epoch(environ, DEFAULT_EPOCH)
     return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime(TIMESTAMP_FORMAT)
 
 

@@ -177,6 +177,8 @@ class Flavor:
     # image refs whose BuildKit inline cache the conversion reuses; OWN_TAG: each build's own tag
     # (its last push); (): none, and the converted images carry no inline cache
     cache_from: tuple[str, ...] = (OWN_TAG,)
+    # SOURCE_DATE_EPOCH of this flavor's builds (None: the environment's, else tasks/epoch.py's default)
+    source_date_epoch: int | None = None
 
     def provider_versions(self) -> tuple[tuple[str, str], ...]:
         """(provider, version) of each standard build: every version of every `<provider>_versions`

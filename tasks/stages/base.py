@@ -3,9 +3,9 @@ registry so it is resolved and pulled like any other base."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from ..epoch import build_epoch, epoch_env
 from ..model import MmdebstrapBase
 from ..graph import Context, action, task
 from ..matrix import BaseSource
@@ -14,13 +14,6 @@ from ..state import Paths, atomic_path, build_context, write_text_atomic
 from ..tools import docker
 
 STAGE_VERSION = 2
-# mmdebstrap writes a byte-identical tarball for the same packages when
-# SOURCE_DATE_EPOCH is set: fresh state directories (CI) then reuse BuildKit's cache
-DEFAULT_SOURCE_DATE_EPOCH = "1700000000"
-
-
-def source_date_epoch() -> str:
-    return os.environ.get("SOURCE_DATE_EPOCH") or DEFAULT_SOURCE_DATE_EPOCH
 
 
 def mmdebstrap_argv(base: MmdebstrapBase, arch: str, out: Path) -> list[str]:
@@ -37,11 +30,14 @@ SEED_DOCKERFILE = 'FROM scratch\nADD rootfs.tar /\nCMD ["/bin/bash"]\n'
 
 
 def bootstrap(paths: Paths, src: BaseSource) -> None:
+    """mmdebstrap writes a byte-identical tarball for the same packages at one SOURCE_DATE_EPOCH:
+    fresh state directories (CI) then reuse BuildKit's cache. A base can serve several flavors, so
+    its epoch is the environment's (or the default), not a flavor's `source_date_epoch`."""
     tar = paths.rootfs_tar(src.ident)
     say(f"    mmdebstrap {src.mmdebstrap.suite} ({src.arch}) -> {tar}")
     with atomic_path(tar) as tmp:
         run(mmdebstrap_argv(src.mmdebstrap, src.arch, tmp), what=f"mmdebstrap {src.mmdebstrap.suite}",
-            env={"SOURCE_DATE_EPOCH": source_date_epoch()})
+            env=epoch_env(build_epoch(None)))
 
 
 def seed(paths: Paths, src: BaseSource) -> None:
@@ -66,7 +62,7 @@ def tasks(ctx: Context, kind: str):
         tar = ctx.paths.rootfs_tar(src.ident)
         if kind == "bootstrap":
             key = json.dumps({"argv": mmdebstrap_argv(src.mmdebstrap, src.arch, Path("OUT")),
-                              "epoch": source_date_epoch(), "stage": STAGE_VERSION}, sort_keys=True)
+                              "epoch": build_epoch(None), "stage": STAGE_VERSION}, sort_keys=True)
             yield task(src.ident, f"mmdebstrap {src.mmdebstrap.suite} rootfs ({src.arch})",
                        action(bootstrap, ctx.paths, src), targets=[tar], key=key, task_dep=["preflight"])
         else:

@@ -14,7 +14,7 @@
   under loader/keys/auto. No private key is ever written to outputs.
 
 Both are written by one task from the converted image; they rebuild when the image, the key
-files or the options change. Times are fixed by SOURCE_DATE_EPOCH (the bootstrap's epoch).
+files or the options change. Times are fixed by SOURCE_DATE_EPOCH (the build's epoch, tasks/epoch.py).
 """
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ from pathlib import Path
 
 from .. import keys as keyset
 from ..builders import native_raw, uki
+from ..epoch import build_epoch
 from ..graph import Context, action, task
 from ..matrix import Build
 from ..model import SECURE_BOOT_FILES
 from ..run import CommandError, UsageError, run, say
 from ..state import Paths, atomic_path, scratch_dir, write_checksum
-from .base import source_date_epoch
 from .extract import exported_rootfs
 
 STAGE_VERSION = 1
@@ -104,7 +104,7 @@ def key(b: Build) -> str:
     tb = b.flavor.trusted_boot
     pcr = {"phases": tb.phases(b.flavor.converter), "measured": uki.MEASURED} if pcr_key(b) else None
     return json.dumps({"cmdline": tb.cmdline, "enroll": tb.enroll, "sections": uki.SECTIONS, "pcr": pcr,
-                       "zstd": uki.zstd_argv(), "cpio": uki.cpio_argv(), "epoch": source_date_epoch(),
+                       "zstd": uki.zstd_argv(), "cpio": uki.cpio_argv(), "epoch": build_epoch(b.flavor),
                        "host_efi": host_efi_digest(), "stage": STAGE_VERSION}, sort_keys=True)
 
 
@@ -116,7 +116,7 @@ def title(b: Build) -> str:
 def build(paths: Paths, b: Build, efi_out: Path, iso_out: Path) -> None:
     tb = b.flavor.trusted_boot
     db_key, db_crt = tb.keys / "db.key", tb.keys / "db.crt"
-    epoch = int(source_date_epoch())
+    epoch = build_epoch(b.flavor)
     with scratch_dir(paths.tmp_dir(), f"{b.stem}-uki") as work:
         files = {".osrel": work / "osrel", ".cmdline": work / "cmdline", ".uname": work / "uname",
                  ".initrd": work / "initrd", ".linux": work / "linux"}

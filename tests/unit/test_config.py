@@ -353,6 +353,26 @@ def test_cache_from_bad_values(write_flavor, value, problem):
     assert problems_of([path]) == [f"{path}:{line_of(text, 'cache_from:')}: {problem}"]
 
 
+@pytest.mark.parametrize("value, expected", [(DROP, None), (0, 0), (1700000000, 1700000000),
+                                             (253402300799, 253402300799)])
+def test_source_date_epoch_values(write_flavor, value, expected):
+    (f,) = load_flavors([write_flavor("e.yaml", doc(source_date_epoch=value))])
+    assert f.source_date_epoch == expected
+
+
+@pytest.mark.parametrize("value, problem", [
+    (-1, "source_date_epoch: must be at least 0, got -1"),
+    ("1700000000", "source_date_epoch: must be a whole number, got a string '1700000000'"),
+    (1.5, "source_date_epoch: must be a whole number, got a number 1.5"),
+    (253402300800, "source_date_epoch: must be at most 253402300799 (seconds since 1970-01-01 UTC), "
+                   "got 253402300800"),
+])
+def test_source_date_epoch_bad_values(write_flavor, value, problem):
+    text = doc(source_date_epoch=value)
+    path = write_flavor("e.yaml", text)
+    assert problems_of([path]) == [f"{path}:{line_of(text, 'source_date_epoch:')}: {problem}"]
+
+
 def test_builder_and_netboot_defaults_and_values(write_flavor):
     (f,) = load_flavors([write_flavor("a.yaml", doc())])
     assert (f.builder, f.auroraboot_image, f.netboot_url) == \
