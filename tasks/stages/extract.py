@@ -2,12 +2,14 @@
 
 - `<stem>-kernel` / `<stem>-initrd`: from the image's /boot (Kairos layout
   /boot/vmlinuz and /boot/initrd first, then versioned names), symlinks followed;
-- `<stem>.squashfs`: the image's root filesystem (docker export -> tar -> mksquashfs).
+- `<stem>.squashfs`: the image's root filesystem (docker export -> tar -> mksquashfs), dated at
+  the build's SOURCE_DATE_EPOCH (tasks/epoch.py): the same image gives the same bytes.
 Each also writes `<file>.sha256`. Outputs are renamed into place when complete.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 import re
 import shutil
@@ -15,6 +17,7 @@ import tarfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..epoch import build_epoch, epoch_env
 from ..model import SquashfsOptions
 from ..graph import Context, action, task
 from ..matrix import Build
@@ -115,12 +118,34 @@ def extract_boot_file(paths: Paths, b: Build, kind: str, out: Path) -> None:
 
 
 def mksquashfs_argv(source: Path, out: Path, opts: SquashfsOptions, arch: str) -> list[str]:
-    """mksquashfs command (pure): Kairos ISOs use a 1024k block size."""
-    argv = ["mksquashfs", str(source), str(out), "-noappend", "-no-xattrs", "-comp", opts.compression,
-            "-b", opts.block_size]
+    """mksquashfs command (pure): Kairos ISOs use a 1024k block size. `-reproducible` (4.5.1's
+    default, said anyway) keeps the output order independent of the compressor threads; the
+    times come from SOURCE_DATE_EPOCH in the environment, see `mksquashfs_env`."""
+    argv = ["mksquashfs", str(source), str(out), "-noappend", "-no-xattrs", "-reproducible",
+            "-comp", opts.compression, "-b", opts.block_size]
     if opts.compression == "xz" and arch == "amd64":
         argv += ["-Xbcj", "x86"]
     return argv
+
+
+def mksquashfs_env(epoch: int) -> dict[str, str]:
+    """mksquashfs's environment (pure): SOURCE_DATE_EPOCH. mksquashfs 4.5.1 then writes the epoch
+    as the file system's creation time and clamps every file time newer than it to it, so two
+    exports of one image (unpacked at different times) give the same bytes while older times
+    (the image's own) stay. `-mkfs-time`/`-all-time` cannot clamp (-all-time flattens every
+    time) and mksquashfs refuses them together with SOURCE_DATE_EPOCH, so they are not used."""
+    return epoch_env(epoch)
+
+
+def make_squashfs(source: Path, out: Path, opts: SquashfsOptions, arch: str, epoch: int) -> None:
+    """The squashfs of the tree ``source`` at ``out``, dated ``epoch`` (same tree, same bytes)."""
+    run(mksquashfs_argv(source, out, opts, arch), env=mksquashfs_env(epoch), what=f"mksquashfs {out.name}")
+
+
+def squashfs_key(b: Build) -> str:
+    """Everything besides the image that changes the squashfs, for config_changed (pure)."""
+    return json.dumps({"argv": mksquashfs_argv(Path("ROOT"), Path("OUT"), b.flavor.squashfs, b.arch),
+                       "env": mksquashfs_env(build_epoch(b.flavor))}, sort_keys=True)
 
 
 @contextmanager
@@ -148,7 +173,7 @@ def squashfs(paths: Paths, b: Build, out: Path) -> None:
     with exported_rootfs(paths, b, "squashfs") as rootfs:
         say(f"    mksquashfs ({b.flavor.squashfs.compression}) -> {out.name}")
         with atomic_path(out) as tmp:
-            run(mksquashfs_argv(rootfs, tmp, b.flavor.squashfs, b.arch), what=f"mksquashfs {out.name}")
+            make_squashfs(rootfs, tmp, b.flavor.squashfs, b.arch, build_epoch(b.flavor))
         write_checksum(out)
         say(f"    {out.name}: {out.stat().st_size} bytes")
 
@@ -161,4 +186,5 @@ def tasks(ctx: Context, kind: str):
         act = action(squashfs, ctx.paths, b, out) if kind == "squashfs" else \
             action(extract_boot_file, ctx.paths, b, kind, out)
         yield task(b.stem, f"{out.name} from {b.image}", act,
-                   file_dep=[ctx.paths.image_id(b), ctx.paths.pushed(b)], targets=ctx.paths.targets_of(b, kind))
+                   file_dep=[ctx.paths.image_id(b), ctx.paths.pushed(b)], targets=ctx.paths.targets_of(b, kind),
+                   key=squashfs_key(b) if kind == "squashfs" else None)

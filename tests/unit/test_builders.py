@@ -17,7 +17,7 @@ from tasks.stages.base import mmdebstrap_argv
 from tasks.stages.convert import (DIGEST, cache_refs, builtin_initrd_script, builtin_scripts, dockerfile,
                                   dockerfile_builtin, dockerfile_kairos_init, overlay_touches_initrd,
                                   kairos_init_flags, kairos_release, labels, overlay_files)
-from tasks.stages.extract import mksquashfs_argv, pick_boot_file
+from tasks.stages.extract import mksquashfs_argv, mksquashfs_env, pick_boot_file, squashfs_key
 from tasks.tools.docker import BuildCli, build_argv, is_local_host, registry_host
 
 K3S = "v1.28.2+k3s1"
@@ -437,8 +437,23 @@ def test_pick_boot_file(entries, kernel, initrd):
 def test_mksquashfs_argv(compression, block, arch, extra):
     argv = mksquashfs_argv(Path("/state/rootfs"), Path("/out/x.squashfs"),
                            SquashfsOptions(compression=compression, block_size=block), arch)
-    assert argv == ["mksquashfs", "/state/rootfs", "/out/x.squashfs", "-noappend", "-no-xattrs",
+    assert argv == ["mksquashfs", "/state/rootfs", "/out/x.squashfs", "-noappend", "-no-xattrs", "-reproducible",
                     "-comp", compression, "-b", block, *extra]
+
+
+@pytest.mark.parametrize("epoch, env", [(0, {"SOURCE_DATE_EPOCH": "0"}),
+                                        (1700000000, {"SOURCE_DATE_EPOCH": "1700000000"})])
+def test_mksquashfs_env_dates_and_clamps_at_the_epoch(epoch, env):
+    assert mksquashfs_env(epoch) == env
+
+
+def test_squashfs_key_tracks_the_epoch(make_build, monkeypatch):
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    default, own = make_build(), make_build(source_date_epoch=1650000000)
+    assert squashfs_key(default) != squashfs_key(own)
+    assert '"SOURCE_DATE_EPOCH": "1650000000"' in squashfs_key(own)
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1650000000")
+    assert squashfs_key(default) == squashfs_key(own)
 
 
 # --- base: mmdebstrap -----------------------------------------------------------------

@@ -1,0 +1,61 @@
+"""Same inputs, same bytes: the squashfs, ISO and raw builders run twice on small fixture files
+whose times differ (as two builds' outputs would) and at different clock times give identical
+files; a different SOURCE_DATE_EPOCH gives different ones (so the check is not vacuous)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.model import SquashfsOptions
+from tasks.stages.extract import make_squashfs
+
+EPOCH = 1700000000
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def touch_tree(root: Path, when: float) -> None:
+    """Every file and directory of ``root`` dated ``when`` (newer than EPOCH: a fresh build's)."""
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            os.utime(os.path.join(top, name), (when, when), follow_symlinks=False)
+    os.utime(root, (when, when))
+
+
+def small_tree(root: Path, when: float) -> Path:
+    """A small root file system: text, a binary-ish file, a symlink, an old file, empty dirs."""
+    (root / "etc").mkdir(parents=True)
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "var/empty").mkdir(parents=True)
+    (root / "etc/os-release").write_text('NAME="Kairos test"\n')
+    (root / "usr/bin/tool").write_bytes(bytes(range(256)) * 400)
+    (root / "usr/bin/tool").chmod(0o755)
+    (root / "usr/bin/alias").symlink_to("tool")
+    (root / "etc/old").write_text("older than the epoch\n")
+    touch_tree(root, when)
+    os.utime(root / "etc/old", (EPOCH - 86400, EPOCH - 86400))
+    return root
+
+
+def test_squashfs_same_tree_same_bytes(tmp_path):
+    """Two exports of one image (files dated at export, mksquashfs started a second apart) give
+    the same squashfs; file times older than the epoch are kept, newer ones clamped."""
+    opts = SquashfsOptions(compression="gzip", block_size="128k")
+    first = small_tree(tmp_path / "a", time.time())
+    make_squashfs(first, tmp_path / "1.squashfs", opts, "amd64", EPOCH)
+    time.sleep(1.1)
+    second = small_tree(tmp_path / "b", time.time() + 3600)
+    make_squashfs(second, tmp_path / "2.squashfs", opts, "amd64", EPOCH)
+    assert sha256(tmp_path / "1.squashfs") == sha256(tmp_path / "2.squashfs")
+    make_squashfs(second, tmp_path / "3.squashfs", opts, "amd64", EPOCH + 1)
+    assert sha256(tmp_path / "3.squashfs") != sha256(tmp_path / "1.squashfs")
+    listing = os.popen(f"unsquashfs -lln -UTC {tmp_path / '1.squashfs'}").read()
+    assert " 2023-11-13 22:13 squashfs-root/etc/old" in listing
+    assert " 2023-11-14 22:13 squashfs-root/usr/bin/tool" in listing
