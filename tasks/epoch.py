@@ -8,7 +8,8 @@ else the environment's SOURCE_DATE_EPOCH, else DEFAULT.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 
 from .run import UsageError
 
@@ -42,3 +43,10 @@ def build_epoch(flavor, environ: Mapping[str, str] | None = None) -> int:
 def epoch_env(epoch: int) -> dict[str, str]:
     """The environment that makes SOURCE_DATE_EPOCH-aware tools stamp ``epoch`` (pure)."""
     return {NAME: str(epoch)}
+
+
+def frozen_clock_argv(epoch: int, argv: Sequence[str], env: Mapping[str, str] | None = None) -> list[str]:
+    """``argv`` (with ``env`` added) under faketime with the clock stopped at ``epoch`` (UTC), for
+    programs that stamp the current time and have no option for it (pure)."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch))
+    return ["env", "TZ=UTC", *(f"{k}={v}" for k, v in (env or {}).items()), "faketime", "-f", stamp, *argv]

@@ -113,6 +113,7 @@ REGISTRY: tuple[Kind, ...] = (
                 Need("grub-mkrescue", "build the bootable ISO", native),
                 Need("xorriso", "write the ISO image (grub-mkrescue calls it)", native),
                 Need("mformat", "build the ISO's EFI system image (grub-mkrescue calls it)", native),
+                Need("faketime", "run grub-mkrescue at SOURCE_DATE_EPOCH, so the ISO is reproducible", native),
                 Need("unsquashfs", "take the image's arm64 grub modules out of its squashfs",
                      lambda b: native(b) and b.arch == "arm64"))),
     Kind("raw", "Build the raw disk <stem>.img (rpi3/rpi4 firmware boot; generic amd64 EFI with raw_generic).",

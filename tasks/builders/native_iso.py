@@ -13,6 +13,7 @@ copying them into a staging directory first. The layout follows Kairos ISOs:
 
 with volume id COS_LIVE and the Kairos live kernel command line
 (`root=live:CDLABEL=COS_LIVE rd.live.dir=/ rd.live.squashimg=rootfs.squashfs ...`).
+The same inputs and SOURCE_DATE_EPOCH give the same ISO bytes (see `mkrescue_argv`).
 
 arm64 ISOs are EFI only (`arm64-efi`). Debian ships grub's arm64-efi modules in an arm64
 package (grub-efi-arm64-bin) that does not install on an amd64 host, but the host's
@@ -22,8 +23,10 @@ grub-efi-arm64-bin into arm64 generic images), so the boot loader matches the im
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+from ..epoch import epoch_env, frozen_clock_argv
 from ..run import UsageError, run, say
 from ..tools.qemu import SERIAL
 
@@ -94,23 +97,41 @@ def graft(iso_path: str, source: Path | str) -> str:
 CLOUD_CONFIG_PATH = "/config.yaml"  # where Kairos installers look for a cloud-config on the ISO
 
 
+def iso_date(epoch: int) -> str:
+    """``epoch`` as xorrisofs's 16-digit time string YYYYMMDDhhmmsscc (UTC, pure)."""
+    return time.strftime("%Y%m%d%H%M%S00", time.gmtime(epoch))
+
+
 def mkrescue_argv(out: Path, cfg: Path, kernel: Path, initrd: Path, squashfs: Path,
                   volume_id: str = VOLUME_ID, cloud_config: Path | None = None,
-                  modules: Path | None = None) -> list[str]:
+                  modules: Path | None = None, *, epoch: int) -> list[str]:
     """grub-mkrescue command (pure). Options after the output are xorriso's
     mkisofs options; the inputs are grafted into place, not copied first. ``modules``:
-    one grub platform directory to build for (else every platform installed on the host)."""
+    one grub platform directory to build for (else every platform installed on the host).
+
+    Dated at ``epoch``, so the same inputs give the same ISO bytes:
+    - grub-mkrescue 2.06 takes the ISO's volume date and UUID from the clock (its
+      `--modification-date=`, which its boot images' `search --fs-uuid` also holds, so it cannot
+      be overridden afterwards) and builds the EFI image with mformat/mcopy at the current time:
+      it runs under faketime with the clock stopped at ``epoch``;
+    - SOURCE_DATE_EPOCH makes xorriso 1.5.4 derive the GPT disk GUID from that date and use the
+      epoch for nodes without a source file;
+    - `--set_all_file_dates` dates every file of the ISO at ``epoch``: the grafted kernel, initrd
+      and squashfs are this build's outputs (dated when written) and grub.cfg is written just
+      before, so no file time in the ISO carries information; xorriso cannot clamp.
+    """
     extra = [graft(CLOUD_CONFIG_PATH, cloud_config)] if cloud_config is not None else []
     platform = ["--directory", str(modules)] if modules is not None else []
-    return [
+    return frozen_clock_argv(epoch, [
         "grub-mkrescue", *platform, "--output", str(out),
         "-volid", volume_id,
+        "--set_all_file_dates", iso_date(epoch),
         "-graft-points",
         graft(GRUB_CFG_PATH, cfg),
         graft(KERNEL_PATH, kernel),
         graft(INITRD_PATH, initrd),
         graft("/" + SQUASHFS_NAME, squashfs),
-    ] + extra
+    ] + extra, epoch_env(epoch))
 
 
 def check_arch(arch: str, grub_lib: Path = GRUB_LIB) -> None:
@@ -154,8 +175,8 @@ def image_grub_modules(squashfs: Path, arch: str, workdir: Path) -> Path:
 
 
 def build_iso(out: Path, kernel: Path, initrd: Path, squashfs: Path, title: str, arch: str,
-              workdir: Path, cloud_config: Path | None = None) -> None:
-    """Write the ISO to ``out`` (the caller renames it into place).
+              workdir: Path, cloud_config: Path | None = None, *, epoch: int) -> None:
+    """Write the ISO to ``out`` (the caller renames it into place), dated at ``epoch``.
 
     ``workdir`` holds grub.cfg (and an arch's image grub modules) while grub-mkrescue runs;
     it is removed by the caller.
@@ -170,5 +191,5 @@ def build_iso(out: Path, kernel: Path, initrd: Path, squashfs: Path, title: str,
     cfg = workdir / "grub.cfg"
     cfg.write_text(config(title, arch))
     say(f"    grub-mkrescue ({firmware(arch)}, volume {VOLUME_ID}) -> {Path(out).name}")
-    run(mkrescue_argv(out, cfg, kernel, initrd, squashfs, cloud_config=cloud_config, modules=modules),
+    run(mkrescue_argv(out, cfg, kernel, initrd, squashfs, cloud_config=cloud_config, modules=modules, epoch=epoch),
         what=f"grub-mkrescue {Path(out).name}")

@@ -47,10 +47,10 @@ import os
 import re
 import shutil
 import struct
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..epoch import frozen_clock_argv
 from ..model import ENROLL
 from ..run import UsageError, run
 from .native_raw import MIB, make_fat
@@ -118,10 +118,7 @@ def sbsign_argv(key: Path, cert: Path, src: Path, out: Path, epoch: int | None =
     """sbsign by the db key (pure); with ``epoch``, under faketime with the clock stopped at that
     time (UTC), so the signing time in the signature is fixed."""
     argv = ["sbsign", "--key", str(key), "--cert", str(cert), "--output", str(out), str(src)]
-    if epoch is None:
-        return argv
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch))
-    return ["env", "TZ=UTC", "faketime", "-f", stamp, *argv]
+    return argv if epoch is None else frozen_clock_argv(epoch, argv)
 
 
 def sbverify_argv(cert: Path, efi: Path) -> list[str]:

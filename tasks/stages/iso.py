@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from ..builders import auroraboot, native_iso
+from ..epoch import build_epoch
 from ..graph import Context, action, task
 from ..kinds import KINDS, boot_file_names
 from ..matrix import Build
@@ -59,7 +60,7 @@ def key(b: Build) -> str:
                        "argv": native_iso.mkrescue_argv(
                            Path(KINDS["iso"].files(b.stem)[0]), Path("grub.cfg"), kernel, initrd, squashfs,
                            cloud_config=Path("cloud-config.yaml") if b.flavor.cloud_config else None,
-                           modules=modules),
+                           modules=modules, epoch=build_epoch(b.flavor)),
                        "stage": STAGE_VERSION}, sort_keys=True)
 
 
@@ -68,7 +69,7 @@ def build_native(paths: Paths, b: Build, out: Path) -> None:
     native_iso.check_arch(b.arch)
     with scratch_dir(paths.tmp_dir(), f"{b.stem}-iso") as work, atomic_path(out) as tmp:
         native_iso.build_iso(tmp, kernel, initrd, squashfs, title(b), b.arch, work,
-                             cloud_config=b.flavor.cloud_config)
+                             cloud_config=b.flavor.cloud_config, epoch=build_epoch(b.flavor))
     write_checksum(out)
     say(f"    {out.name}: {out.stat().st_size} bytes")
 

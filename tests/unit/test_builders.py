@@ -560,7 +560,7 @@ def test_is_local_host(host, local):
 
 @pytest.mark.parametrize("base_image, artifacts, tools", [
     # the native ISO implies kernel, initrd and squashfs
-    ("ubuntu:24.04", ("iso",), {"grub-mkrescue", "xorriso", "mformat", "mksquashfs", "tar"}),
+    ("ubuntu:24.04", ("iso",), {"grub-mkrescue", "xorriso", "mformat", "faketime", "mksquashfs", "tar"}),
     ("ubuntu:24.04", ("sbom", "trivy", "sign"), {"syft", "trivy", "cosign"}),
     ("ubuntu:24.04", ("kernel", "squashfs"), {"mksquashfs", "tar"}),
     (MmdebstrapBase(suite="bookworm"), ("kernel",), {"mmdebstrap"}),

@@ -93,21 +93,30 @@ def test_graft(iso_path, source, expected):
     assert graft(iso_path, source) == expected
 
 
-def test_mkrescue_argv():
+CLOCK = ["env", "TZ=UTC", "SOURCE_DATE_EPOCH=1700000000", "faketime", "-f", "2023-11-14 22:13:20"]
+
+
+@pytest.mark.parametrize("epoch, clock, date", [
+    (1700000000, CLOCK, "2023111422132000"),
+    (0, ["env", "TZ=UTC", "SOURCE_DATE_EPOCH=0", "faketime", "-f", "1970-01-01 00:00:00"], "1970010100000000"),
+])
+def test_mkrescue_argv(epoch, clock, date):
     argv = mkrescue_argv(Path("/o/.x.iso.partial-1"), Path("/t/grub.cfg"), Path("/o/s-kernel"), Path("/o/s-initrd"),
-                         Path("/o/s.squashfs"))
-    assert argv == ["grub-mkrescue", "--output", "/o/.x.iso.partial-1", "-volid", "COS_LIVE", "-graft-points",
+                         Path("/o/s.squashfs"), epoch=epoch)
+    assert argv == [*clock, "grub-mkrescue", "--output", "/o/.x.iso.partial-1", "-volid", "COS_LIVE",
+                    "--set_all_file_dates", date, "-graft-points",
                     "/boot/grub/grub.cfg=/t/grub.cfg", "/boot/kernel=/o/s-kernel", "/boot/initrd=/o/s-initrd",
                     "/rootfs.squashfs=/o/s.squashfs"]
 
 
 def test_mkrescue_argv_for_one_platform_directory():
-    argv = mkrescue_argv(Path("o"), Path("c"), Path("k"), Path("i"), Path("s"), modules=Path("/w/arm64-efi"))
-    assert argv[:5] == ["grub-mkrescue", "--directory", "/w/arm64-efi", "--output", "o"]
+    argv = mkrescue_argv(Path("o"), Path("c"), Path("k"), Path("i"), Path("s"), modules=Path("/w/arm64-efi"),
+                         epoch=1700000000)
+    assert argv[:len(CLOCK) + 5] == [*CLOCK, "grub-mkrescue", "--directory", "/w/arm64-efi", "--output", "o"]
 
 
 def test_mkrescue_argv_volume_id():
-    argv = mkrescue_argv(Path("o"), Path("c"), Path("k"), Path("i"), Path("s"), volume_id="OTHER")
+    argv = mkrescue_argv(Path("o"), Path("c"), Path("k"), Path("i"), Path("s"), volume_id="OTHER", epoch=0)
     assert argv[argv.index("-volid") + 1] == "OTHER"
 
 
@@ -166,7 +175,7 @@ PATHS = Paths(Path("/state"), Path("/out"))
 
 
 def test_tools_by_builder(make_build):
-    assert set(KINDS["iso"].tools_for(make_build())) == {"grub-mkrescue", "xorriso", "mformat"}
+    assert set(KINDS["iso"].tools_for(make_build())) == {"grub-mkrescue", "xorriso", "mformat", "faketime"}
     assert set(KINDS["iso"].tools_for(make_build(builder="auroraboot"))) == {"docker"}
 
 
@@ -192,10 +201,11 @@ def test_key_is_path_independent_and_tracks_options(make_build):
     b = make_build()
     key = json.loads(iso.key(b))
     assert key["stage"] == iso.STAGE_VERSION
-    assert key["argv"][:3] == ["grub-mkrescue", "--output", f"{STEM}.iso"]
+    assert key["argv"][len(CLOCK):len(CLOCK) + 3] == ["grub-mkrescue", "--output", f"{STEM}.iso"]
     assert f"/boot/kernel={STEM}-kernel" in key["argv"]
     assert LIVE in key["grub.cfg"]
     assert iso.key(make_build(release="22.04")) != iso.key(b)          # title changes
+    assert iso.key(make_build(source_date_epoch=1650000000)) != iso.key(b)
     assert iso.key(make_build(builder="auroraboot")) != iso.key(b)
     assert iso.key(make_build(builder="auroraboot", auroraboot_image="quay.io/kairos/auroraboot:v0.20.0")) != \
         iso.key(make_build(builder="auroraboot"))
@@ -228,7 +238,7 @@ def test_native_arm64_is_an_efi_iso_of_the_image_grub(make_build):
     (t,) = iso.tasks(ctx, "iso")
     assert "(grub-mkrescue, EFI, volume COS_LIVE)" in t["doc"]
     key = json.loads(iso.key(b))
-    assert key["argv"][:3] == ["grub-mkrescue", "--directory", "image-grub"]
+    assert key["argv"][len(CLOCK):len(CLOCK) + 3] == ["grub-mkrescue", "--directory", "image-grub"]
     assert "console=ttyAMA0" in key["grub.cfg"]
     assert "unsquashfs" in KINDS["iso"].tools_for(b) and "unsquashfs" not in KINDS["iso"].tools_for(make_build())
     b = make_build(arch="arm64", builder="auroraboot", artifacts=("iso",))

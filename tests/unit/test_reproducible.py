@@ -59,3 +59,37 @@ def test_squashfs_same_tree_same_bytes(tmp_path):
     listing = os.popen(f"unsquashfs -lln -UTC {tmp_path / '1.squashfs'}").read()
     assert " 2023-11-13 22:13 squashfs-root/etc/old" in listing
     assert " 2023-11-14 22:13 squashfs-root/usr/bin/tool" in listing
+
+
+def boot_inputs(folder: Path, when: float) -> tuple[Path, Path, Path]:
+    """Fake kernel, initrd and squashfs files (they need not boot), dated ``when``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name, size in (("s-kernel", 300_000), ("s-initrd", 200_000), ("s.squashfs", 500_000)):
+        path = folder / name
+        path.write_bytes(hashlib.sha256(name.encode()).digest() * (size // 32))
+        os.utime(path, (when, when))
+        files.append(path)
+    return tuple(files)
+
+
+needs_grub = pytest.mark.skipif(not all(shutil.which(t) for t in ("grub-mkrescue", "xorriso", "faketime", "mformat")),
+                                reason="needs grub-mkrescue, xorriso, mtools and faketime (ci/setup.sh)")
+
+
+@needs_grub
+def test_iso_same_inputs_same_bytes(tmp_path):
+    """Two ISO builds from the same kernel/initrd/squashfs bytes (dated differently, as two
+    builds' outputs are) a couple of seconds apart are identical; another epoch differs."""
+    from tasks.builders.native_iso import build_iso
+
+    def build(name: str, when: float, epoch: int = EPOCH) -> str:
+        kernel, initrd, squashfs = boot_inputs(tmp_path / name, when)
+        out = tmp_path / f"{name}.iso"
+        build_iso(out, kernel, initrd, squashfs, "Kairos test", "amd64", tmp_path / f"{name}.w", epoch=epoch)
+        return sha256(out)
+
+    first = build("one", time.time())
+    time.sleep(1.5)
+    assert build("two", time.time() + 7200) == first
+    assert build("three", time.time(), EPOCH + 86400) != first
