@@ -113,8 +113,7 @@ PROGRAMS: dict[str, Program] = {
     "unsquashfs": _apt("squashfs-tools"),
     "tar": _apt("tar"),
     "grub-mkrescue": _apt("grub-common", "grub-pc-bin", "grub-efi-amd64-bin", version=("grub-mkrescue", "--version")),
-    "grub-mkstandalone": _apt("grub-common", "grub-efi-amd64-bin"),
-    "grub-mkimage": _apt("grub-common", "grub-pc-bin"),
+    "grub-mkimage": _apt("grub-common", "grub-pc-bin", "grub-efi-amd64-bin"),  # iPXE USB: i386-pc; raw: x86_64-efi
     "xorriso": _apt("xorriso", version=("xorriso", "-version")),
     "mformat": _apt("mtools"),
     "mcopy": _apt("mtools"),
@@ -123,6 +122,7 @@ PROGRAMS: dict[str, Program] = {
     "fsck.vfat": _apt("dosfstools"),
     "mkfs.ext4": _apt("e2fsprogs"),
     "e2fsck": _apt("e2fsprogs"),
+    "debugfs": _apt("e2fsprogs"),
     "sfdisk": _apt("fdisk"),
     IPXE_LKRN: _apt("ipxe", files=("/usr/lib/ipxe/ipxe.lkrn", "/boot/ipxe.lkrn")),
     "qemu-system-x86_64": _apt("qemu-system-x86", version=("qemu-system-x86_64", "--version")),

@@ -35,14 +35,17 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import io
 import os
 import posixpath
 import re
 import shutil
+import tarfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..epoch import frozen_clock_argv
 from ..run import KairosError, run, say
 
 MIB = 1 << 20
@@ -232,12 +235,50 @@ GRUB_MODULES = ("part_msdos", "fat", "ext2", "search", "search_label", "normal",
                 "configfile", "serial", "terminal", "all_video", "test")
 
 
-def grub_mkstandalone_argv(arch: str, out: Path, cfg: Path) -> list[str]:
-    """A standalone GRUB EFI loader with ``cfg`` as its boot/grub/grub.cfg (pure)."""
-    target = GRUB_EFI[arch][0]
-    return ["grub-mkstandalone", "-O", target, "-o", str(out), "--locales=", "--fonts=", "--themes=",
-            f"--install-modules={' '.join(GRUB_MODULES)}", f"--modules={' '.join(GRUB_MODULES)}",
-            f"boot/grub/grub.cfg={cfg}"]
+GRUB_LISTS = ("moddep.lst", "command.lst", "fs.lst", "partmap.lst", "parttool.lst", "video.lst", "crypto.lst",
+              "terminal.lst", "modinfo.sh")          # what grub-mkstandalone puts next to the modules
+GRUB_PREFIX = "(memdisk)/boot/grub"
+
+
+def module_closure(moddep: str, wanted: tuple[str, ...]) -> list[str]:
+    """``wanted`` and every module they need, by grub's moddep.lst text, sorted (pure)."""
+    deps = {}
+    for line in moddep.splitlines():
+        name, _, needs = line.partition(":")
+        deps[name.strip()] = needs.split()
+    found: set[str] = set()
+    todo = list(wanted)
+    while todo:
+        name = todo.pop()
+        if name not in found:
+            found.add(name)
+            todo += deps.get(name, [])
+    return sorted(found)
+
+
+def grub_memdisk(arch: str, cfg: Path, out: Path, epoch: int, grub_lib: Path = Path("/usr/lib/grub")) -> None:
+    """The memdisk tar of a standalone GRUB at ``out``, as grub-mkstandalone lays it out
+    (boot/grub/grub.cfg, boot/grub/<platform>/ with GRUB_MODULES, what they need and grub's
+    lists), but with sorted members, owner 0 and every time ``epoch``: grub-mkstandalone 2.06
+    dates its members with the time it copied the modules, so it cannot be reproducible."""
+    platform = GRUB_EFI[arch][0]
+    source = grub_lib / platform
+    names = [f"{m}.mod" for m in module_closure((source / "moddep.lst").read_text(), GRUB_MODULES)]
+    members = [(f"boot/grub/{platform}/{n}", source / n) for n in sorted(names + list(GRUB_LISTS))]
+    members.append(("boot/grub/grub.cfg", cfg))
+    with tarfile.open(out, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, path in sorted(members):
+            info = tarfile.TarInfo(name)
+            data = path.read_bytes()
+            info.size, info.mtime, info.mode = len(data), epoch, 0o644
+            tar.addfile(info, io.BytesIO(data))
+
+
+def grub_mkimage_argv(arch: str, out: Path, memdisk: Path) -> list[str]:
+    """A standalone GRUB EFI loader (pure): GRUB_MODULES and the memdisk ``memdisk`` built in,
+    its prefix the memdisk (what grub-mkstandalone runs, with our memdisk)."""
+    return ["grub-mkimage", "-O", GRUB_EFI[arch][0], "-o", str(out), "-p", GRUB_PREFIX, "-m", str(memdisk),
+            "memdisk", "tar", *GRUB_MODULES]
 
 
 def pick_firmware(listing: list[str], device: str) -> tuple[list[str], list[str]]:
@@ -277,22 +318,59 @@ def _version_key(text: str):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
 
 
-def mkfs_vfat_argv(path: Path, label: str, volume_id: str) -> list[str]:
-    return ["mkfs.vfat", "-F", "32", "-n", label, "-i", volume_id, str(path)]
+# FAT: mkfs.vfat (dosfstools 4.2) and mtools date what they write with the clock and have no
+# SOURCE_DATE_EPOCH: they run with the clock stopped at the epoch (faketime), and mcopy without -m
+# dates each file at that clock, not at its source's time (a build output's: when it was written).
+def mkfs_vfat_argv(path: Path, label: str, volume_id: str, *, epoch: int) -> list[str]:
+    return frozen_clock_argv(epoch, ["mkfs.vfat", "-F", "32", "-n", label, "-i", volume_id, str(path)])
 
 
-def mmd_argv(image: Path, dirs: list[str]) -> list[str]:
-    return ["mmd", "-i", str(image), *[f"::/{d}" for d in dirs]]
+def mmd_argv(image: Path, dirs: list[str], *, epoch: int) -> list[str]:
+    return frozen_clock_argv(epoch, ["mmd", "-i", str(image), *[f"::/{d}" for d in dirs]])
 
 
-def mcopy_argv(image: Path, sources: list[Path], dest: str = "") -> list[str]:
-    return ["mcopy", "-i", str(image), "-o", "-m", *[str(s) for s in sources], f"::/{dest}"]
+def mcopy_argv(image: Path, sources: list[Path], dest: str = "", *, epoch: int) -> list[str]:
+    return frozen_clock_argv(epoch, ["mcopy", "-i", str(image), "-o", *[str(s) for s in sources], f"::/{dest}"])
 
 
-def mkfs_ext4_argv(path: Path, label: str, fs_uuid: str, source: Path, size: int) -> list[str]:
-    """mkfs.ext4 that fills the file system from ``source`` (no mount needed)."""
-    return ["mkfs.ext4", "-F", "-q", "-L", label, "-U", fs_uuid, "-E", f"root_owner=0:0,hash_seed={fs_uuid}",
-            "-m", "0", "-d", str(source), str(path), f"{size // 1024}k"]
+def ext4_env(epoch: int) -> list[str]:
+    """`env` words dating what e2fsprogs 1.47.0 stamps with the clock (superblock, root,
+    lost+found, creation times) at ``epoch``: its E2FSPROGS_FAKE_TIME (pure)."""
+    return ["env", f"E2FSPROGS_FAKE_TIME={epoch}"]
+
+
+def mkfs_ext4_argv(path: Path, label: str, fs_uuid: str, source: Path, size: int, *, epoch: int) -> list[str]:
+    """mkfs.ext4 that fills the file system from ``source`` (no mount needed); UUID and directory
+    hash seed fixed, clock at ``epoch``. `-d` copies each file's atime, mtime and ctime from
+    ``source``: `ext4_times_script` sets them afterwards."""
+    return [*ext4_env(epoch), "mkfs.ext4", "-F", "-q", "-L", label, "-U", fs_uuid,
+            "-E", f"root_owner=0:0,hash_seed={fs_uuid}", "-m", "0", "-d", str(source), str(path), f"{size // 1024}k"]
+
+
+EXT4_TIMES = ("atime", "mtime", "ctime", "crtime")
+
+
+def ext4_times_script(paths: list[str], epoch: int) -> str:
+    """debugfs commands dating every inode of ``paths`` (absolute, in the file system) at
+    ``epoch`` (pure). mkfs.ext4 -d took the times of the staged files: build outputs and files
+    written by this run (a checked-out cloud-config at best), so they carry no information and
+    none can be clamped afterwards (the source's ctime is the time it was staged)."""
+    return "".join(f"set_inode_field {p} {field} @{epoch}\n" for p in paths for field in EXT4_TIMES)
+
+
+def debugfs_argv(fs_file: Path, script: Path, epoch: int) -> list[str]:
+    return [*ext4_env(epoch), "debugfs", "-w", "-f", str(script), str(fs_file)]
+
+
+def ext4_paths(tree: Path) -> list[str]:
+    """Every inode path mkfs.ext4 -d makes from ``tree``, as debugfs names them, sorted: the
+    root, lost+found and the tree's entries."""
+    found = ["/", "/lost+found"]
+    for top, dirs, files in os.walk(tree):
+        rel = Path(top).relative_to(tree)
+        for name in sorted(dirs + files):
+            found.append("/" + (rel / name).as_posix())
+    return sorted(found)
 
 
 def sfdisk_argv(image: Path) -> list[str]:
@@ -337,15 +415,18 @@ def rpi_boot_files(work: Path, device: str, kernel: Path, initrd: Path, firmware
     return files
 
 
-def efi_boot_files(work: Path, arch: str, kernel: Path, initrd: Path, live: bool = False) -> dict[str, Path]:
-    """FAT path -> source file for an EFI system partition with a standalone GRUB (runs grub-mkstandalone)."""
+def efi_boot_files(work: Path, arch: str, kernel: Path, initrd: Path, live: bool = False, *,
+                   epoch: int) -> dict[str, Path]:
+    """FAT path -> source file for an EFI system partition with a standalone GRUB (grub-mkimage
+    with a memdisk holding grub.cfg and the modules, dated ``epoch``)."""
     if arch not in GRUB_EFI:
         raise KairosError(f"the native raw builder makes generic raw images for {', '.join(GRUB_EFI)} only "
                           f"(GRUB for {arch} EFI is not available on this host)")
     cfg = work / "grub.cfg"
     cfg.write_text(grub_cfg(live))
-    loader = work / GRUB_EFI[arch][1]
-    run(grub_mkstandalone_argv(arch, loader, cfg), what="grub-mkstandalone (EFI loader)")
+    loader, memdisk = work / GRUB_EFI[arch][1], work / "memdisk.tar"
+    grub_memdisk(arch, cfg, memdisk, epoch)
+    run(grub_mkimage_argv(arch, loader, memdisk), what="grub-mkimage (EFI loader)")
     return {f"EFI/BOOT/{loader.name}": loader, KERNEL_NAME: kernel, INITRD_NAME: initrd}
 
 
@@ -361,31 +442,45 @@ def fat_dirs(paths: list[str]) -> list[str]:
     return out
 
 
-def make_fat(fat: Path, size: int, label: str, volume_id: str, files: dict[str, Path], staging: Path) -> Path:
+def make_fat(fat: Path, size: int, label: str, volume_id: str, files: dict[str, Path], staging: Path,
+             epoch: int) -> Path:
     """A FAT32 file system of ``size`` bytes at ``fat`` holding ``files`` (FAT path -> source),
-    made with mkfs.vfat and filled with mtools (no mount); ``staging`` holds the files under
-    their FAT names meanwhile (hard links where possible)."""
+    made with mkfs.vfat and filled with mtools (no mount), everything dated at ``epoch``;
+    ``staging`` holds the files under their FAT names meanwhile (hard links where possible)."""
     env = {"MTOOLS_SKIP_CHECK": "1"}
     with open(fat, "wb") as fh:
         fh.truncate(size)
-    run(mkfs_vfat_argv(fat, label, volume_id), what=f"mkfs.vfat {label}")
+    run(mkfs_vfat_argv(fat, label, volume_id, epoch=epoch), what=f"mkfs.vfat {label}")
     for rel, src in files.items():
         _stage_file(src, staging / rel)
     dirs = fat_dirs(list(files))
     if dirs:
-        run(mmd_argv(fat, dirs), env=env, what=f"mmd in {label}")
+        run(mmd_argv(fat, dirs, epoch=epoch), env=env, what=f"mmd in {label}")
     by_dir: dict[str, list[Path]] = {}
     for rel in files:
         by_dir.setdefault(posixpath.dirname(rel), []).append(staging / rel)
     for d, group in by_dir.items():
-        run(mcopy_argv(fat, group, d + "/" if d else ""), env=env, what=f"mcopy files into {label}")
+        run(mcopy_argv(fat, group, d + "/" if d else "", epoch=epoch), env=env, what=f"mcopy files into {label}")
     return fat
 
 
+def make_ext4(fs_file: Path, label: str, fs_uuid: str, tree: Path, size: int, epoch: int) -> None:
+    """An ext4 file system of ``size`` bytes at ``fs_file`` holding ``tree``, every time ``epoch``."""
+    run(mkfs_ext4_argv(fs_file, label, fs_uuid, tree, size, epoch=epoch), what=f"mkfs.ext4 {label}")
+    script = fs_file.with_name(fs_file.name + ".debugfs")
+    script.write_text(ext4_times_script(ext4_paths(tree), epoch))
+    said = run(debugfs_argv(fs_file, script, epoch), capture=True, what=f"date the files of {label}")
+    # debugfs exits 0 when a command fails: it prints the command and then the error
+    wrong = [line for line in said.splitlines() if line.strip() and not line.startswith("debugfs")]
+    if wrong:
+        raise KairosError(f"debugfs could not date the files of {label}: {'; '.join(wrong[:3])}")
+
+
 def build_disk(out: Path, work: Path, seed: str, boot: dict[str, Path], squashfs: Path,
-               boot_type: str = "c", oem: dict[str, Path] | None = None) -> Plan:
+               boot_type: str = "c", oem: dict[str, Path] | None = None, *, epoch: int) -> Plan:
     """Assemble the raw disk image at ``out``; ``boot`` maps FAT paths to files, ``oem`` the
-    files of COS_OEM (e.g. the cloud-config), ``work`` is scratch."""
+    files of COS_OEM (e.g. the cloud-config), ``work`` is scratch. Ids come from ``seed`` (`ids`)
+    and every time stamp is ``epoch``: the same inputs give the same bytes."""
     ident = ids(seed)
     boot_content = sum(f.stat().st_size for f in boot.values())
     sq = squashfs.stat().st_size
@@ -398,7 +493,7 @@ def build_disk(out: Path, work: Path, seed: str, boot: dict[str, Path], squashfs
 
     # firmware/boot partition: FAT32 on a file, filled with mtools under the planned names
     fs_files["COS_GRUB"] = make_fat(work / "COS_GRUB.vfat", by_label["COS_GRUB"].size, "COS_GRUB", ident["vfat"],
-                                    boot, work / "COS_GRUB.d")
+                                    boot, work / "COS_GRUB.d", epoch)
 
     # Kairos partitions: ext4 filled from directories
     trees = {"COS_OEM": dict(oem or {}), "COS_RECOVERY": {RECOVERY_IMAGE: squashfs}, "COS_STATE": {STATE_IMAGE: squashfs},
@@ -410,7 +505,7 @@ def build_disk(out: Path, work: Path, seed: str, boot: dict[str, Path], squashfs
             _stage_file(src, tree / rel)
         fs_file = work / f"{label}.ext4"
         say(f"    mkfs.ext4 {label} ({by_label[label].size // MIB} MiB)")
-        run(mkfs_ext4_argv(fs_file, label, ident[label], tree, by_label[label].size), what=f"mkfs.ext4 {label}")
+        make_ext4(fs_file, label, ident[label], tree, by_label[label].size, epoch)
         fs_files[label] = fs_file
 
     # the disk: sparse file, partition table, file systems at their offsets

@@ -421,5 +421,5 @@ def build_iso(out: Path, files: dict[str, Path], work: Path, volume_id: str, epo
     size = max(64 * MIB, -(-(size + size // 50 + 4 * MIB) // MIB) * MIB)  # FAT32 minimum, 2% + 4 MiB slack
     tree = work / "iso"
     tree.mkdir(parents=True, exist_ok=True)
-    make_fat(tree / ESP_NAME, size, "COS_GRUB", volume_id, files, work / "esp.d")
+    make_fat(tree / ESP_NAME, size, "COS_GRUB", volume_id, files, work / "esp.d", epoch)
     run(xorriso_argv(out, tree), env={"SOURCE_DATE_EPOCH": str(epoch)}, what=f"xorriso {out.name}")

