@@ -265,6 +265,7 @@ def test_key_changes_with_device_not_with_version(make_build):
     r3 = make_build(arch="arm64", device="rpi3", **RPI)
     assert raw.key(r4) != raw.key(r3)
     assert raw.key(r4) == raw.key(make_build(arch="arm64", device="rpi4", **{**RPI, "version": "v3.2.0"}))
+    assert raw.key(r4) != raw.key(make_build(arch="arm64", device="rpi4", **{**RPI, "source_date_epoch": 0}))
 
 
 # --- builtin converter: rpi firmware lines, generic unchanged ---------------------------------
