@@ -89,7 +89,9 @@ def container_owner(paths: Paths, b: Build, purpose: str) -> str:
 def extract_boot_file(paths: Paths, b: Build, kind: str, out: Path) -> None:
     image = ensure_image(paths, b)
     container = docker.extract_container(image, container_owner(paths, b, kind))
-    tmp_tar = partial_name(paths.tmp_dir() / f"{b.stem}-boot.tar")
+    base = paths.tmp_dir() / f"{b.stem}-{kind}-boot.tar"  # per kind: kernel and initrd may run at once (-n 2)
+    clean_partials(base)  # what a killed attempt left (found by bench/torture.py)
+    tmp_tar = partial_name(base)
     tmp_tar.parent.mkdir(parents=True, exist_ok=True)
     try:
         try:
