@@ -52,9 +52,9 @@ def by_hand_squashfs(paths: Paths, b: Build, work: Path) -> None:
 
 def by_hand_iso(paths: Paths, b: Build, work: Path) -> None:
     """The stage's grub.cfg and grub-mkrescue argv on the same inputs, then sha256sum."""
-    kernel, initrd, squashfs = iso.inputs(paths, b)
+    kernel, initrd, squashfs = paths.boot_files(b)
     cfg = work / "grub.cfg"
-    cfg.write_text(native_iso.grub_cfg(iso.title(b), native_iso.kernel_cmdline()))
+    cfg.write_text(native_iso.config(iso.title(b), b.arch))
     out = work / "by-hand.iso"
     sh(native_iso.mkrescue_argv(out, cfg, kernel, initrd, squashfs, epoch=build_epoch(b.flavor)))
     durable(out)
