@@ -248,6 +248,8 @@ def parser() -> argparse.ArgumentParser:
                     "  apt: PACKAGE ...     Debian packages\n"
                     "  pip: .[EXTRA,...]    the argument of `pip install -e` (`.`: no extra)\n"
                     "  go: MODULE@VERSION   `go install` arguments (pinned)\n"
+                    "  npm: node>=N PKG@V   the Node.js major they need, then `npm install -g` arguments "
+                    "(pinned)\n"
                     "  extra: STEP ...      set-up steps of ci/setup.sh (systemd-measure, arm64-binfmt)\n\n"
                     "`bash ci/setup.sh` installs what this prints; `bash ci/setup.sh --all` what --all "
                     "prints. Selection as for doit: --flavors/--shard, else KAIROS_FLAVORS/KAIROS_SHARD, "
