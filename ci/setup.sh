@@ -34,7 +34,7 @@ done
 [ "$DRY" = 0 ] || log "dry run: nothing is installed or started"
 
 # seconds per part, printed at the end
-PARTS=(apt pip "go tools" systemd-measure services binfmt)
+PARTS=(apt pip "go tools" npm systemd-measure services binfmt)
 declare -A SPENT=()
 for part in "${PARTS[@]}"; do SPENT[$part]=0; done
 started=$SECONDS
@@ -72,7 +72,7 @@ apt_install() {  # install the Debian packages of "$@" that are missing
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-NEED_APT=() NEED_PIP=. NEED_GO=() NEED_EXTRA=()
+NEED_APT=() NEED_PIP=. NEED_GO=() NEED_NPM=() NEED_EXTRA=()
 read_needs() {  # parse the lines of `python3 -m tasks needs` (tasks/needs.py) from stdin
   local group words
   while read -r group words; do
@@ -80,6 +80,7 @@ read_needs() {  # parse the lines of `python3 -m tasks needs` (tasks/needs.py) f
       apt:) read -ra NEED_APT <<<"$words" ;;
       pip:) NEED_PIP=$words ;;
       go:) read -ra NEED_GO <<<"$words" ;;
+      npm:) read -ra NEED_NPM <<<"$words" ;;
       extra:) read -ra NEED_EXTRA <<<"$words" ;;
       *) die "unexpected line from python3 -m tasks needs: $group $words" ;;
     esac
@@ -204,6 +205,45 @@ for spec in "${NEED_GO[@]}"; do
   GOBIN=${GOBIN:-/usr/local/bin} GOFLAGS=-mod=mod go install "$spec"
 done
 spent "go tools"
+
+# npm tools (gitlab-ci-local, for the tests) at the versions tasks/needs.py pins, after the Node.js major
+# they need (the `node>=N` word of the npm line): `npm install -g` only when a package is missing or
+# at another version. Node.js: Debian's nodejs and npm only when there is no node at all (an existing
+# one, e.g. NodeSource's, is kept); one older than needed is refused, not replaced.
+node_min="" NPM_SPECS=()
+for word in "${NEED_NPM[@]}"; do
+  case $word in
+    node'>='*) node_min=${word#node>=} ;;
+    *) NPM_SPECS+=("$word") ;;
+  esac
+done
+if [ ${#NPM_SPECS[@]} -gt 0 ]; then
+  command -v node >/dev/null || apt_install nodejs npm
+  if command -v node >/dev/null; then
+    node_version=$(node --version 2>/dev/null || true)
+    node_major=${node_version#v}
+    node_major=${node_major%%.*}
+    if ! [[ "$node_major" =~ ^[0-9]+$ ]] || [ "$node_major" -lt "${node_min:-0}" ]; then
+      die "$(command -v node) is Node.js ${node_version:-of an unknown version}; ${NPM_SPECS[*]} needs Node.js >= $node_min (Debian 12's nodejs is 18): install Node.js $node_min or newer (e.g. NodeSource's nodejs package) and run again"
+    fi
+    command -v npm >/dev/null || die "npm is missing next to $(command -v node) (Node.js $node_version): install npm (Debian package npm, or with NodeSource's nodejs)"
+  elif [ "$DRY" = 1 ]; then
+    log "would check that Debian's nodejs is Node.js >= $node_min (it refuses an older one)"
+  else
+    die "no node on PATH after installing Debian's nodejs"
+  fi
+  for spec in "${NPM_SPECS[@]}"; do
+    package=${spec%@*}
+    if command -v npm >/dev/null &&  # lines `<global root>/<package>:<package>@<version>`
+      npm ls -g --depth=0 --parseable --long "$package" 2>/dev/null | awk -F: -v s="$spec" '$2 == s {f = 1} END {exit !f}'; then
+      continue
+    fi
+    if [ "$DRY" = 1 ]; then log "would npm install -g $spec"; continue; fi
+    log "npm install -g $spec"
+    npm install -g --no-fund --no-audit --loglevel=error "$spec" >/dev/null
+  done
+fi
+spent npm
 
 # --- services, always: the Docker engine and the local registry ------------------------------
 if ! docker_ok; then

@@ -186,10 +186,14 @@ def cmd_genkey(args) -> int:
 
 
 def add_selection(command: argparse.ArgumentParser) -> None:
-    """--flavors and --shard: which builds a command works on (see selected_builds)."""
+    """--flavors and --shard: which builds a command works on (see selected_builds); without them
+    the selection doit would build (dodo.py): KAIROS_FLAVORS and KAIROS_SHARD, else flavors/."""
     command.add_argument("--flavors", metavar="PATHS",
-                         help="flavor file or directory (several separated by ':'); default: flavors/")
-    command.add_argument("--shard", metavar="I/N", help="only shard I of N (round robin over sorted stems)")
+                         help="flavor file or directory (several separated by ':'); default: KAIROS_FLAVORS, "
+                              "else flavors/")
+    command.add_argument("--shard", metavar="I/N",
+                         help="only shard I of N (round robin over sorted stems); default: KAIROS_SHARD")
+    command.set_defaults(flavors=os.environ.get("KAIROS_FLAVORS"), shard=os.environ.get("KAIROS_SHARD"))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -248,6 +252,8 @@ def parser() -> argparse.ArgumentParser:
                     "  apt: PACKAGE ...     Debian packages\n"
                     "  pip: .[EXTRA,...]    the argument of `pip install -e` (`.`: no extra)\n"
                     "  go: MODULE@VERSION   `go install` arguments (pinned)\n"
+                    "  npm: node>=N PKG@V   the Node.js major they need, then `npm install -g` arguments "
+                    "(pinned)\n"
                     "  extra: STEP ...      set-up steps of ci/setup.sh (systemd-measure, arm64-binfmt)\n\n"
                     "`bash ci/setup.sh` installs what this prints; `bash ci/setup.sh --all` what --all "
                     "prints. Selection as for doit: --flavors/--shard, else KAIROS_FLAVORS/KAIROS_SHARD, "
@@ -256,9 +262,7 @@ def parser() -> argparse.ArgumentParser:
     needs_cmd.add_argument("--all", action="store_true",
                            help="everything the test suite needs (every flavor's needs, pyproject.toml's "
                                 "[test,tools], every Go tool, the linters); ignores the selection")
-    # the selection doit would build (dodo.py): ci/setup.sh installs for exactly that
-    needs_cmd.set_defaults(func=cmd_needs, flavors=os.environ.get("KAIROS_FLAVORS"),
-                           shard=os.environ.get("KAIROS_SHARD"))
+    needs_cmd.set_defaults(func=cmd_needs)  # the selection doit would build: ci/setup.sh installs for that
     genkey = sub.add_parser(
         "genkey", help="generate Secure Boot keys (PK, KEK, db) for Trusted Boot images",
         description=keys.HELP, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -2,7 +2,8 @@
 
 `PROGRAMS` is the one table of requirements: for every program the stages run (and the few
 data files they read, `files`), which Debian packages, pip extra of pyproject.toml, Go tool
-(`GO_TOOLS`, pinned) or set-up step of ci/setup.sh (`SETUP_STEPS`) provides it, and the argv
+(`GO_TOOLS`, pinned), npm package (`NPM_TOOLS`, pinned) or set-up step of ci/setup.sh
+(`SETUP_STEPS`) provides it, and the argv
 printing its version (for the manifest). Which programs a build needs is the artifact-kind
 registry's business (`Kind.needs` in tasks/kinds.py, collected by
 `tasks.stages.preflight.tools_needed`); this module only maps them to what provides them.
@@ -15,6 +16,7 @@ line, the form `python3 -m tasks needs` prints and ci/setup.sh reads:
     apt: docker.io docker-registry ...       Debian packages
     pip: .[tools]                            `pip install -e` argument (`.` when no extra)
     go: github.com/.../cmd/cosign@v2.6.5     `go install` arguments
+    npm: node>=20 gitlab-ci-local@4.62.0     the Node.js major they need, then `npm install -g` arguments
     extra: systemd-measure arm64-binfmt      set-up steps of ci/setup.sh
 
 Pure data and pure functions, standard library only: kinds.py imports it, and ci/setup.sh runs
@@ -47,6 +49,25 @@ GO_TOOLS: dict[str, GoTool] = {t.name: t for t in (
     GoTool("crane", "v0.22.1", "github.com/google/go-containerregistry/cmd/crane"),  # unpacks -img carriers
 )}
 
+@dataclass(frozen=True)
+class NpmTool:
+    """A program installed with `npm install -g package@version`; it runs on Node.js >= ``node``."""
+
+    name: str
+    version: str
+    package: str
+    node: int  # the oldest Node.js major version this version of the package runs on
+
+    @property
+    def spec(self) -> str:
+        return f"{self.package}@{self.version}"
+
+
+NPM_TOOLS: dict[str, NpmTool] = {t.name: t for t in (
+    # runs ci/gitlab-ci.yml in the tests (tests/integration/test_gitlab_ci.py); newer ones need Node.js 22
+    NpmTool("gitlab-ci-local", "4.62.0", "gitlab-ci-local", node=20),
+)}
+
 # set-up steps ci/setup.sh knows how to do (the words of the `extra:` line)
 SETUP_STEPS: dict[str, str] = {
     "systemd-measure": "systemd-measure >= 253 unpacked from bookworm-backports as /usr/local/bin/systemd-measure",
@@ -65,6 +86,7 @@ class Program:
     apt: tuple[str, ...] = ()
     pip: tuple[str, str] | None = None        # (extra of pyproject.toml, PyPI package)
     go: str | None = None                     # a GO_TOOLS name
+    npm: str | None = None                    # an NPM_TOOLS name
     setup: str | None = None                  # a SETUP_STEPS name
     version: tuple[str, ...] | None = None
     files: tuple[str, ...] = ()
@@ -81,6 +103,10 @@ class Program:
         if self.go:
             tool = GO_TOOLS[self.go]
             said.append(f"the Go module {tool.spec} (bash ci/setup.sh runs go install)")
+        if self.npm:
+            package = NPM_TOOLS[self.npm]
+            said.append(f"the npm package {package.spec} on Node.js >= {package.node} "
+                        "(bash ci/setup.sh runs npm install -g)")
         if self.setup:
             said.append(f"{SETUP_STEPS[self.setup]} (bash ci/setup.sh)")
         return "; ".join(said)
@@ -155,36 +181,42 @@ PROGRAMS: dict[str, Program] = {
     "socat": _apt("socat"),
     "actionlint": Program(go="actionlint"),
     "crane": Program(go="crane"),
+    "gitlab-ci-local": Program(npm="gitlab-ci-local"),
+    "rsync": _apt("rsync"),  # gitlab-ci-local copies the project, caches and artifacts with it
 }
 
 # always: the Docker engine (docker.io unless an engine with buildx answers: ci/setup.sh's rule),
 # the local registry, what ci/setup.sh itself runs, and the project's Python packages (`pip: .`)
 BASE: tuple[str, ...] = ("docker", "docker-registry", "curl", "git")
 # only the test suite: linters of the CI files, socat (the engine's TCP proxy in a test), crane for
-# the -img carriers, keys for Trusted Boot tests (genkey), and pyproject.toml's [test]
+# the -img carriers, keys for Trusted Boot tests (genkey), gitlab-ci-local (and its rsync) running
+# ci/gitlab-ci.yml, and pyproject.toml's [test]
 TEST_ONLY: tuple[str, ...] = ("shellcheck", "socat", "actionlint", "crane", "openssl", "cert-to-efi-sig-list",
-                              "sign-efi-sig-list")
+                              "sign-efi-sig-list", "gitlab-ci-local", "rsync")
 TEST_EXTRA = "test"
 
 
 @dataclass(frozen=True)
 class Needs:
-    """What to install: Debian packages, pip extras, Go tools, set-up steps (each sorted)."""
+    """What to install: Debian packages, pip extras, Go tools, npm tools, set-up steps (each sorted)."""
 
     apt: tuple[str, ...]
     pip: tuple[str, ...]
     go: tuple[str, ...]
+    npm: tuple[str, ...]
     extra: tuple[str, ...]
 
     def lines(self) -> list[str]:
         """One group per line (the form of the module docstring; ci/setup.sh reads it)."""
         pip = "." + (f"[{','.join(self.pip)}]" if self.pip else "")
+        npm = [NPM_TOOLS[name] for name in self.npm]
+        node = (f"node>={max(t.node for t in npm)}",) if npm else ()
         groups = {"apt": self.apt, "pip": (pip,), "go": tuple(GO_TOOLS[name].spec for name in self.go),
-                  "extra": self.extra}
+                  "npm": (*node, *(t.spec for t in npm)), "extra": self.extra}
         return [" ".join((f"{group}:", *words)) for group, words in groups.items()]
 
     def __le__(self, other: "Needs") -> bool:
-        return all(set(getattr(self, f)) <= set(getattr(other, f)) for f in ("apt", "pip", "go", "extra"))
+        return all(set(getattr(self, f)) <= set(getattr(other, f)) for f in ("apt", "pip", "go", "npm", "extra"))
 
 
 def of(programs: Iterable[str], extras: Iterable[str] = ()) -> Needs:
@@ -193,6 +225,7 @@ def of(programs: Iterable[str], extras: Iterable[str] = ()) -> Needs:
     apt: set[str] = set()
     pip: set[str] = set(extras)
     go: set[str] = set()
+    npm: set[str] = set()
     extra: set[str] = set()
     for name in (*BASE, *programs):
         p = PROGRAMS[name]
@@ -201,10 +234,13 @@ def of(programs: Iterable[str], extras: Iterable[str] = ()) -> Needs:
             pip.add(p.pip[0])
         if p.go:
             go.add(p.go)
+        if p.npm:
+            npm.add(p.npm)
         if p.setup:
             extra.add(p.setup)
     return Needs(apt=tuple(sorted(apt)), pip=tuple(e for e in PIP_EXTRAS if e in pip),
-                 go=tuple(n for n in GO_TOOLS if n in go), extra=tuple(s for s in SETUP_STEPS if s in extra))
+                 go=tuple(n for n in GO_TOOLS if n in go), npm=tuple(n for n in NPM_TOOLS if n in npm),
+                 extra=tuple(s for s in SETUP_STEPS if s in extra))
 
 
 def everything() -> Needs:

@@ -150,6 +150,18 @@ def test_gitlab_pipeline_caches_the_go_tools_per_tool_and_version():
     assert "go" in doc["default"]["image"]  # the toolchain for that fallback build
 
 
+def test_gitlab_before_script_suits_parallel_jobs_on_one_shell_runner():
+    # gitlab-ci-local's shell executor (tests/integration/test_gitlab_ci.py) runs the four shard jobs at
+    # once on one machine: apt only when something is missing (apt's lock), each job its own venv
+    _, job = gitlab_job()
+    before = job["before_script"]
+    (apt,) = [line for line in before if "apt-get" in line]
+    assert apt.index("||") < apt.index("apt-get update"), apt
+    (venv,) = [line for line in before if "-m venv" in line]
+    assert venv.startswith("python3 -m venv .venv ") and 'PATH="$PWD/.venv/bin:$PATH"' in venv, venv
+    assert before.index(venv) < before.index("bash ci/setup.sh")
+
+
 def test_build_jobs_install_nothing_the_build_does_not_need():
     _, steps = github_steps()
     _, job = gitlab_job()

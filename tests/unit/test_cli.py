@@ -155,6 +155,19 @@ def test_plan_shards_cover_the_matrix(tmp_path, capsys, count):
     assert sorted(s for p in parts for s in p) == sorted(everything)
 
 
+def test_plan_selects_like_doit_from_the_environment(tmp_path, capsys, monkeypatch):
+    """Without --flavors/--shard, KAIROS_FLAVORS and KAIROS_SHARD (what doit builds: a CI job's plan
+    step shows that job's builds); the options win."""
+    write(tmp_path / "env", "ubuntu.yaml", FLAVOR)
+    write(tmp_path / "opt", "debian.yaml", {**FLAVOR, "flavor": "debian", "release": "12"})
+    monkeypatch.setenv("KAIROS_FLAVORS", str(tmp_path / "env"))
+    assert {r["flavor"] for r in plan_json(capsys)["builds"]} == {"ubuntu"}
+    monkeypatch.setenv("KAIROS_SHARD", "2/4")
+    assert len(plan_json(capsys)["builds"]) == 2
+    assert {r["flavor"] for r in plan_json(capsys, "--flavors", str(tmp_path / "opt"), "--shard", "1/1")["builds"]} \
+        == {"debian"}
+
+
 @pytest.mark.parametrize("files, args, expected", [
     pytest.param({"bad.yaml": {**FLAVOR, "colour": "blue"}}, [], ["bad.yaml:", "colour: unknown key"],
                  id="unknown-key"),

