@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"minbase rootfs tarball for the small profile's tiny base (default {DEFAULT_TAR})")
     ap.add_argument("--kairos-init", help="kairos-init STAND-IN image of the small profile (default: built and pushed "
                                           "as <registry>/kairos-init-standin:v0)")
-    ap.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    ap.add_argument("--json", type=Path, help="also write the figures to this JSON file (after every trial)")
     ap.add_argument("--clean", action="store_true", help="remove --dir and every image of --registry, then exit")
     args = ap.parse_args(argv)
     if args.trials < 1:
@@ -82,14 +82,21 @@ def main(argv: list[str] | None = None) -> int:
         check_services(args.registry)
         profile = PROFILES[args.profile]
         space = Space.under(args.dir / profile.name)
-        totals = run(space, profile, args.registry, Images(args), args.trials, args.seed)
+        totals = run(space, profile, args.registry, Images(args), args.trials, args.seed,
+                     progress=lambda totals: write_json(args, totals, profile))
     except BenchError as exc:
         log(f"error: {exc}")
         return 1
     print(report(totals, profile, args.seed))
-    if args.json:
-        args.json.write_text(json.dumps(as_json(totals, profile, args.seed), indent=2) + "\n")
     return 1 if failed(totals) else 0
+
+
+def write_json(args: argparse.Namespace, totals, profile) -> None:
+    """--json after every trial (atomically): an interrupted run keeps the figures so far."""
+    if args.json:
+        partial = args.json.with_name(args.json.name + ".partial")
+        partial.write_text(json.dumps(as_json(totals, profile, args.seed), indent=2) + "\n")
+        partial.replace(args.json)
 
 
 if __name__ == "__main__":

@@ -335,7 +335,7 @@ def trial(space: Space, profile: Profile, n: int, rng: random.Random, markers: d
     verify = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "verify"],
                             env={**space.env(), "COSIGN_PASSWORD": PASSWORD}, cwd=ROOT, capture_output=True,
                             text=True, stdin=subprocess.DEVNULL)
-    noop = doit(space)
+    noop = doit(space, env={"COSIGN_PASSWORD": PASSWORD})
     totals.stale += after
     totals.leftovers += left
     totals.noop_ran += [f"trial {n}: {t}" for t in noop.build_actions]
@@ -370,13 +370,16 @@ def prepare(space: Space, profile: Profile, registry: str, images: Images) -> di
     return spans
 
 
-def run(space: Space, profile: Profile, registry: str, images: Images, trials: int, seed: int) -> Totals:
+def run(space: Space, profile: Profile, registry: str, images: Images, trials: int, seed: int,
+        progress=lambda totals: None) -> Totals:
+    """``trials`` trials; ``progress(totals)`` after each (the figures so far survive an interruption)."""
     spans = prepare(space, profile, registry, images)
     markers = current_markers(space)
     rng = random.Random(seed)
     hashes, totals = Hashes(), Totals()
     for n in range(1, trials + 1):
         trial(space, profile, n, rng, markers, hashes, totals, spans)
+        progress(totals)
     return totals
 
 

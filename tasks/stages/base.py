@@ -62,7 +62,8 @@ def tasks(ctx: Context, kind: str):
         tar = ctx.paths.rootfs_tar(src.ident)
         if kind == "bootstrap":
             key = json.dumps({"argv": mmdebstrap_argv(src.mmdebstrap, src.arch, Path("OUT")),
-                              "epoch": build_epoch(None), "stage": STAGE_VERSION}, sort_keys=True)
+                              # a string, as before tasks/epoch.py: an unchanged key keeps every cached base
+                              "epoch": str(build_epoch(None)), "stage": STAGE_VERSION}, sort_keys=True)
             yield task(src.ident, f"mmdebstrap {src.mmdebstrap.suite} rootfs ({src.arch})",
                        action(bootstrap, ctx.paths, src), targets=[tar], key=key, task_dep=["preflight"])
         else:
