@@ -24,7 +24,7 @@ from .config import load_flavors
 from .matrix import Build, duplicate_problems, expand, parse_shard, shard
 from .model import ConfigError, Flavor
 from .run import KairosError, UsageError
-from .state import Paths, file_identity, same_identity
+from .state import Paths, clean_scratch, file_identity, same_identity
 
 
 @dataclass(frozen=True)
@@ -244,6 +244,7 @@ def lock_state(paths: Paths, argv: list[str]) -> None:
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     _LOCK_HANDLE = handle
+    clean_scratch(paths)  # no other run uses this state now: what is in its tmp/ was left by a killed one
 
 
 def doit_config(ctx: Context) -> dict:

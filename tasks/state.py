@@ -142,6 +142,19 @@ def clean_partials(path: Path) -> None:
                     leftover.unlink(missing_ok=True)
 
 
+def clean_scratch(paths: "Paths") -> list[Path]:
+    """Remove the partial files and directories under ``paths.tmp_dir()``; returns them. Only for
+    the run that holds the state lock: whatever is there then was left by a killed run (extraction
+    tars and rootfs trees are big, and a renamed or removed step would never clean its own)."""
+    found = sorted(p for p in paths.tmp_dir().glob(f"*{TMP_MARK}*")) if paths.tmp_dir().is_dir() else []
+    for leftover in found:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    return found
+
+
 def fault_point(path: Path) -> None:
     """When KAIROS_FAULT_STOP names ``path``'s file (tests only; unset, nothing happens), stop this
     process (SIGSTOP) with ``path`` complete under its partial name, right before the rename: a

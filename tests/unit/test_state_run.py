@@ -313,3 +313,19 @@ def test_fault_stop_stops_the_writer_with_the_file_complete_under_its_partial_na
     done = subprocess.run([sys.executable, "-c", code, str(final)], env=dict(os.environ, KAIROS_FAULT_STOP="other"),
                           cwd=Path(__file__).resolve().parents[2], timeout=60)
     assert done.returncode == 0 and final.read_bytes() == b"x" * 4096
+
+
+def test_the_run_holding_the_state_lock_removes_what_killed_runs_left_in_tmp(tmp_path):
+    """Found by bench/torture.py: a /boot tar of a killed extraction stayed in state/tmp for good
+    once its step named its scratch files differently. The run that takes the lock clears tmp/."""
+    from tasks.graph import lock_state
+    paths = Paths(tmp_path / "state", tmp_path / "outputs")
+    tmp = paths.tmp_dir()
+    (tmp / f".x-boot.tar{TMP_MARK}15541").parent.mkdir(parents=True)
+    (tmp / f".x-boot.tar{TMP_MARK}15541").write_bytes(b"tar")
+    (tmp / f".x-squashfs-rootfs{TMP_MARK}77" / "usr").mkdir(parents=True)
+    (tmp / "kept").write_text("not a partial name")
+    lock_state(paths, ["list"])  # read-only commands take no lock and clean nothing
+    assert len(list(tmp.iterdir())) == 3
+    lock_state(paths, [])
+    assert sorted(p.name for p in tmp.iterdir()) == ["kept"]
