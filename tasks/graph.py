@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import requests
+import urllib3
 from doit.dependency import UptodateCalculator
 from doit.exceptions import TaskError, TaskFailed
 from doit.tools import config_changed
@@ -78,6 +80,11 @@ def _guarded(fn, args):
         fn(*args)
     except KairosError as exc:
         return TaskError(str(exc)) if exc.kind == "error" else TaskFailed(str(exc))
+    except (requests.exceptions.ConnectionError, urllib3.exceptions.ProtocolError) as exc:
+        # a stream from the Docker engine (push, pull, copy out of a container) broken mid-way: the
+        # engine (or the registry behind it) stopped; found when dockerd was stopped mid-push
+        return TaskError(f"the connection to the Docker engine broke ({exc}); "
+                         "start it again (bash ci/setup.sh) and rerun")
     except OSError as exc:  # full disk, permissions, ...: name the path, no traceback
         where = exc.filename or ""
         return TaskError(f"{exc.strerror or exc}{': ' + str(where) if where else ''}")

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
+import urllib3
+from doit.exceptions import TaskError
 
 from tasks import graph
 from tasks.stages import convert, extract, push, resolve
@@ -120,3 +123,18 @@ def test_conversion_key_changes_with_one_flag(ctx):
     fips = replace(b, flavor=replace(b.flavor, fips=True))
     assert convert.dockerfile(b, "D", "D") != convert.dockerfile(fips, "D", "D")
     assert convert.kairos_init_flags(fips)[-3:] == ["--fips", "--version", "v3.1.0"]
+
+
+@pytest.mark.parametrize("broken", [
+    urllib3.exceptions.ProtocolError("Connection broken: IncompleteRead(0 bytes read)"),
+    requests.exceptions.ConnectionError("('Connection aborted.', ConnectionRefusedError(111))"),
+])
+def test_a_broken_engine_stream_is_one_clean_task_error(broken):
+    """Found when dockerd was stopped while a carrier was being pushed: the push's progress stream
+    ended in urllib3's ProtocolError, which doit printed as a traceback."""
+    def push():
+        raise broken
+    fn, args = graph.action(push)
+    result = fn(*args)
+    assert isinstance(result, TaskError)
+    assert str(broken) in result.message and "bash ci/setup.sh" in result.message
