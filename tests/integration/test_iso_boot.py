@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 STEM = "kairos-debian-12-core-amd64-generic-v3.1.0"
 AB_STEM = "kairos-debianab-12-core-amd64-generic-v3.1.0"
-BOOT_TIMEOUT = 300
+BOOT_TIMEOUT = 600  # a cap: ~105 s idle, ~180 s beside another test module; a hang still fails
 # the login prompt of the booted system, under the /etc/issue line naming this very build
 LOGGED_IN = (f"Kairos {STEM} (ttyS0)", qemu.LOGIN)
 
