@@ -136,23 +136,24 @@ def clean_partials(path: Path) -> None:
     if path.parent.is_dir():
         for leftover in path.parent.iterdir():
             if leftover.name.startswith(prefix):
-                if leftover.is_dir() and not leftover.is_symlink():
-                    shutil.rmtree(leftover, ignore_errors=True)
-                else:
-                    leftover.unlink(missing_ok=True)
+                _remove(leftover)
 
 
-def clean_scratch(paths: "Paths") -> list[Path]:
-    """Remove the partial files and directories under ``paths.tmp_dir()``; returns them. Only for
-    the run that holds the state lock: whatever is there then was left by a killed run (extraction
-    tars and rootfs trees are big, and a renamed or removed step would never clean its own)."""
-    found = sorted(p for p in paths.tmp_dir().glob(f"*{TMP_MARK}*")) if paths.tmp_dir().is_dir() else []
-    for leftover in found:
-        if leftover.is_dir() and not leftover.is_symlink():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
-    return found
+def clean_scratch(paths: "Paths") -> None:
+    """Remove the partial files and directories under ``paths.tmp_dir()``. Only for the run that
+    holds the state lock: whatever is there then was left by a killed run (extraction tars and
+    rootfs trees are big, and a renamed or removed step would never clean its own)."""
+    if paths.tmp_dir().is_dir():
+        for leftover in paths.tmp_dir().glob(f"*{TMP_MARK}*"):
+            _remove(leftover)
+
+
+def _remove(leftover: Path) -> None:
+    """A leftover file, symlink or directory tree, gone."""
+    if leftover.is_dir() and not leftover.is_symlink():
+        shutil.rmtree(leftover, ignore_errors=True)
+    else:
+        leftover.unlink(missing_ok=True)
 
 
 def fault_point(path: Path) -> None:

@@ -13,7 +13,6 @@ partial file or extraction container is left.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -25,9 +24,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tasks.state import TMP_MARK, read_digest
+from tasks.kinds import CHECKSUM_SUFFIX
+from tasks.stages.extract import state_tag
+from tasks.state import TMP_MARK, read_digest, sha256_file
 from tasks.tools.docker import EXTRACT_LABEL
-from tests.harness import ALWAYS_RUN, LZ4, builtin_doc, standin_doc
+from tests.harness import ALWAYS_RUN, LZ4, builtin_doc, flavor_text, standin_doc
 
 from . import ROOT
 from .common import BenchError, log, sh
@@ -80,8 +81,7 @@ def write_flavor(space: Space, profile: Profile, registry: str, images: Images) 
                           ["squashfs", "sbom", "trivy", "sign"], squashfs=LZ4, **common)
     if not (space.flavors / "overlay" / "etc" / "torture" / "marker").exists():
         write_overlay(space, "initial", random.Random(0))
-    import yaml
-    write_if_changed(space.flavors / "torture.yaml", yaml.safe_dump(doc, sort_keys=False))
+    write_if_changed(space.flavors / "torture.yaml", flavor_text(doc))
 
 
 def cloud_config(marker: str) -> str:
@@ -181,24 +181,19 @@ class Hashes:
         hit = self.known.get(path)
         if hit and hit[0] == ident:
             return hit[1]
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        self.known[path] = (ident, h.hexdigest())
-        return h.hexdigest()
+        self.known[path] = (ident, sha256_file(path))
+        return self.known[path][1]
 
 
 def corrupt_files(space: Space, hashes: Hashes) -> list[str]:
     """Files under a final name whose content does not match the `.sha256` beside them."""
     bad = []
     folder = space.outputs / VERSION
-    for sha in sorted(folder.glob("*.sha256")) if folder.is_dir() else []:
-        target = sha.with_name(sha.name[:-len(".sha256")])
+    for sha in sorted(folder.glob(f"*{CHECKSUM_SUFFIX}")) if folder.is_dir() else []:
+        target = sha.with_name(sha.name.removesuffix(CHECKSUM_SUFFIX))
         if TMP_MARK in sha.name or not target.exists():
             continue
-        want = sha.read_text().split()[0] if sha.read_text().strip() else ""
-        if hashes(target) != want:
+        if hashes(target) != (sha.read_text().split() or [""])[0]:
             bad.append(target.name)
     return bad
 
@@ -208,7 +203,7 @@ def leftovers(space: Space) -> list[str]:
     of this state directory."""
     found = [str(p) for root in (space.outputs, space.state) if root.exists()
              for p in root.rglob(f"*{TMP_MARK}*")]
-    owner = hashlib.sha256(str(space.state).encode()).hexdigest()[:12]
+    owner = state_tag(space.paths)
     for c in engine().containers.list(all=True, filters={"label": EXTRACT_LABEL}):
         if c.labels.get(EXTRACT_LABEL, "").endswith(f":{owner}"):
             found.append(f"container {c.short_id} ({c.labels[EXTRACT_LABEL]})")

@@ -81,17 +81,22 @@ def _boot_entries(tar: tarfile.TarFile) -> dict[str, tuple[str, str]]:
     return entries
 
 
+def state_tag(paths: Paths) -> str:
+    """A short id of the state directory: the last field of its extraction containers' labels."""
+    return hashlib.sha256(str(paths.state).encode()).hexdigest()[:12]
+
+
 def container_owner(paths: Paths, b: Build, purpose: str) -> str:
     """Label value of the extraction containers of one build and purpose in one state dir."""
-    return f"{purpose}:{b.stem}:{hashlib.sha256(str(paths.state).encode()).hexdigest()[:12]}"
+    return f"{purpose}:{b.stem}:{state_tag(paths)}"
 
 
 def extract_boot_file(paths: Paths, b: Build, kind: str, out: Path) -> None:
     image = ensure_image(paths, b)
     container = docker.extract_container(image, container_owner(paths, b, kind))
-    base = paths.tmp_dir() / f"{b.stem}-{kind}-boot.tar"  # per kind: kernel and initrd may run at once (-n 2)
-    clean_partials(base)  # what a killed attempt left (found by bench/torture.py)
-    tmp_tar = partial_name(base)
+    # per kind: kernel and initrd may run at once (-n 2); what a killed attempt left here goes when
+    # the next run takes the state lock (state.clean_scratch)
+    tmp_tar = partial_name(paths.tmp_dir() / f"{b.stem}-{kind}-boot.tar")
     tmp_tar.parent.mkdir(parents=True, exist_ok=True)
     try:
         try:
