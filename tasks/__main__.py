@@ -19,6 +19,7 @@ from pathlib import Path
 from . import keys, naming, needs
 from .providers import PROVIDERS, next_versions
 from .config import load_flavors
+from .epoch import build_epoch
 from .model import ConfigError
 from .graph import flavor_sources, select_builds
 from .kinds import KINDS
@@ -44,6 +45,7 @@ def build_record(b: Build) -> dict:
         "image": b.image,
         "base_image": b.base.ref,
         "converter": b.flavor.converter,
+        "source_date_epoch": build_epoch(b.flavor),
         "artifacts": b.files(),
     }
 

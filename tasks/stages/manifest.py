@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 from .. import naming
+from ..epoch import build_epoch
 from ..graph import Context, action, task
 from ..kinds import CHECKSUM_SUFFIX, KINDS, PROGRAMS
 from ..matrix import Build
@@ -108,6 +109,7 @@ def build_record(paths: Paths, b: Build) -> dict:
             "builtin_scripts_sha256": None if f.converter == "kairos-init" else
             {name: hashlib.sha256(text.encode()).hexdigest() for name, text in convert.builtin_scripts(b).items()},
             "overlay_sha256": sign.overlay_digest(f.overlay) if f.overlay else None,
+            "source_date_epoch": build_epoch(f),
         },
         "outputs": files,
         "boot": [{k: r[k] for k in ("artifact", "firmware", "passed", "seconds", "skipped") if k in r}
@@ -123,7 +125,11 @@ def release_notes(version: str, builds: list[Build], records: list[dict], carrie
                for v in sorted({b.provider_version for b in builds if b.provider == name})]
     out = [f"# Kairos {version}", ""]
     out += ["## Providers", ""] + (shipped or ["- none (core images only)"]) + [""]
-    out += ["## Artifacts", "", "| File | Size | sha256 |", "|---|---:|---|"]
+    out += ["## Artifacts", ""]
+    epochs = sorted({r["inputs"]["source_date_epoch"] for r in records if "inputs" in r})
+    if epochs:
+        out += [f"Dated SOURCE_DATE_EPOCH={', '.join(map(str, epochs))} (squashfs, ISO, raw disk images, UKI).", ""]
+    out += ["| File | Size | sha256 |", "|---|---:|---|"]
     for record in records:
         for o in record["outputs"]:
             out.append(f"| `{o['name']}` | {o['size']} | `{o['sha256']}` |")

@@ -47,10 +47,12 @@ def plan_json(capsys, *args) -> dict:
     return json.loads(out)
 
 
-def test_plan_json(tmp_path, capsys):
+def test_plan_json(tmp_path, capsys, monkeypatch):
     write(tmp_path / "flavors", "ubuntu.yaml", FLAVOR)
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1712345678")  # no flavor key: the environment's
     plan = plan_json(capsys, "--flavors", str(tmp_path / "flavors"))
     builds = plan["builds"]
+    assert {b["source_date_epoch"] for b in builds} == {1712345678}
     assert [(b["variant"], b["arch"], b["device"]) for b in builds] == [
         ("core", "amd64", "generic"), ("core", "arm64", "generic"), ("core", "arm64", "rpi4"),
         ("standard", "amd64", "generic"), ("standard", "arm64", "generic"), ("standard", "arm64", "rpi4")]

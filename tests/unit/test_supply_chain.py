@@ -163,8 +163,9 @@ def test_provenance_predicate_shape(make_build):
     ("standard", "v1.28.2+k3s1", "k3s", ["-p", "k3s", "--provider-k3s-version", "v1.28.2+k3s1"]),
     ("standard", "v1.34.4+k0s.0", "k0s", ["-p", "k0s", "--provider-k0s-version", "v1.34.4+k0s.0"]),
 ])
-def test_provenance_and_manifest_name_the_provider_and_its_version(make_build, tmp_path, variant,
+def test_provenance_and_manifest_name_the_provider_and_its_version(make_build, tmp_path, monkeypatch, variant,
                                                                      provider_version, provider, flags):
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
     b = make_build(variant, provider_version, artifacts=())
     params = sign.provenance(b, [], "t0", "t1")["buildDefinition"]["externalParameters"]
     assert (params["provider"], params["provider_version"]) == (provider, provider_version)
@@ -177,6 +178,9 @@ def test_provenance_and_manifest_name_the_provider_and_its_version(make_build, t
     record = manifest.build_record(paths, b)
     assert (record["provider"], record["provider_version"]) == (provider, provider_version)
     assert record["inputs"]["flags"] == params["kairos_init_flags"]
+    assert record["inputs"]["source_date_epoch"] == 1700000000  # the default: no flavor key, no variable
+    notes = release_notes("v3.1.0", [b], [{**record, "outputs": []}], {})
+    assert "Dated SOURCE_DATE_EPOCH=1700000000 (squashfs, ISO, raw disk images, UKI)." in notes
 
 
 def test_release_notes_list_each_provider_and_its_versions(make_flavor):
