@@ -201,4 +201,6 @@ def tasks(ctx: Context):
         out = ctx.paths.version_dir(version)
         yield task(version, f"manifest.json, SHA256SUMS and RELEASE.md of {len(builds)} build(s) of {version}",
                    action(manifest, ctx.paths, version, builds), file_dep=deps,
-                   targets=[out / name for name in MANIFEST_FILES], task_dep=[f"build:{b.stem}" for b in builds])
+                   targets=[out / name for name in MANIFEST_FILES], task_dep=[f"build:{b.stem}" for b in builds],
+                   # what it records that no file above carries
+                   key=json.dumps({b.stem: build_epoch(b.flavor) for b in builds}, sort_keys=True))
