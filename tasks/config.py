@@ -489,6 +489,7 @@ TOP: dict[str, Check] = {
     "fips": _BOOL,
     "raw_generic": _BOOL,
     "raw_compression": _choice(RAW_COMPRESSIONS, "raw compression"),
+    "raw_xz_level": _int(0, 9, "xz's presets: 0 fastest to 9 smallest"),
     "builtin": _section(BuiltinOptions, BUILTIN),
     "squashfs": _section(SquashfsOptions, SQUASHFS),
     "builder": _choice(BUILDERS, "builder"),
@@ -624,6 +625,16 @@ def raw_compression_needs_raw(c: _Checker, v: SimpleNamespace) -> None:
         c.problem("raw_compression", "only used with the raw artifact, which artifacts does not list")
 
 
+def raw_xz_level_needs_xz(c: _Checker, v: SimpleNamespace) -> None:
+    """raw_xz_level is only read when raw images are compressed with xz."""
+    if "raw_xz_level" not in c.doc:
+        return
+    if v.artifacts is not None and "raw" not in v.artifacts:
+        c.problem("raw_xz_level", "only used with the raw artifact, which artifacts does not list")
+    elif v.raw_compression == "none":
+        c.problem("raw_xz_level", "only used with raw_compression: xz (this flavor has none)")
+
+
 def trusted_boot_needs_generic(c: _Checker, v: SimpleNamespace) -> None:
     """Trusted boot exists for generic devices only."""
     if v.trusted_boot and v.devices and any(d != "generic" for d in v.devices):
@@ -650,7 +661,7 @@ RULES: tuple[Callable[[_Checker, SimpleNamespace], None], ...] = (
     ipxe_needs_netboot_url, kairos_init_needs_pinned_image, kairos_init_image_needs_kairos_init,
     standard_needs_provider_versions, standard_needs_kairos_init, provider_versions_need_standard,
     devices_need_their_arch, mmdebstrap_arch_serves_arches, raw_needs_rpi_or_raw_generic, raw_compression_needs_raw,
-    trusted_boot_needs_generic, uki_needs_keys,
+    raw_xz_level_needs_xz, trusted_boot_needs_generic, uki_needs_keys,
 )
 
 

@@ -165,6 +165,7 @@ class Flavor:
     fips: bool = False
     raw_generic: bool = False
     raw_compression: str = "xz"        # xz: also <stem>.img.xz, and the -img carrier holds it (as upstream)
+    raw_xz_level: int = 6              # xz's preset (0-9) for <stem>.img.xz; 6 is xz's own default
     builtin: BuiltinOptions = field(default_factory=BuiltinOptions)
     squashfs: SquashfsOptions = field(default_factory=SquashfsOptions)
     builder: str = "native"

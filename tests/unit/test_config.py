@@ -283,6 +283,17 @@ ERROR_CASES = [
     pytest.param(doc(raw_compression="none"), "raw_compression",
                  "only used with the raw artifact, which artifacts does not list", "raw_compression:",
                  id="raw-compression-without-raw"),
+    pytest.param(doc(raw_xz_level=0), "raw_xz_level",
+                 "only used with the raw artifact, which artifacts does not list", "raw_xz_level:",
+                 id="raw-xz-level-without-raw"),
+    pytest.param(doc(artifacts=["raw"], raw_generic=True, raw_compression="none", raw_xz_level=0), "raw_xz_level",
+                 "only used with raw_compression: xz (this flavor has none)", "raw_xz_level:",
+                 id="raw-xz-level-without-xz"),
+    pytest.param(doc(artifacts=["raw"], raw_generic=True, raw_xz_level=12), "raw_xz_level",
+                 "must be at most 9 (xz's presets: 0 fastest to 9 smallest), got 12", "raw_xz_level:",
+                 id="raw-xz-level-too-high"),
+    pytest.param(doc(artifacts=["raw"], raw_generic=True, raw_xz_level="9e"), "raw_xz_level",
+                 "must be a whole number, got a string '9e'", "raw_xz_level:", id="raw-xz-level-not-a-number"),
     pytest.param(doc(base_image={"mmdebstrap": {"suite": "bookworm", "arch": "amd64"}},
                      arches=["amd64", "arm64"], **BUILTIN), "base_image",
                  "mmdebstrap arch amd64 cannot serve arches arm64", "base_image:", id="mmdebstrap-arch-vs-arches"),
@@ -330,6 +341,12 @@ ERROR_CASES = [
 def test_raw_compression_values(write_flavor, value, expected):
     (f,) = load_flavors([write_flavor("r.yaml", doc(artifacts=["raw"], raw_generic=True, raw_compression=value))])
     assert f.raw_compression == expected
+
+
+@pytest.mark.parametrize("value, expected", [(DROP, 6), (0, 0), (9, 9)])
+def test_raw_xz_level_values(write_flavor, value, expected):
+    (f,) = load_flavors([write_flavor("r.yaml", doc(artifacts=["raw"], raw_generic=True, raw_xz_level=value))])
+    assert f.raw_xz_level == expected
 
 
 @pytest.mark.parametrize("value, expected", [

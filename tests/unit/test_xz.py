@@ -23,9 +23,10 @@ def sha256(path: Path) -> str:
 
 # --- xz: argv ---------------------------------------------------------------------------
 
-def test_xz_argv_builders():
-    assert xz.compress_argv(Path("/o/a.img")) == [
-        "xz", "--compress", "--stdout", "--format=xz", "--check=crc64", "-6", "--block-size=24MiB", "--threads=0",
+@pytest.mark.parametrize("level, preset", [(6, "-6"), (0, "-0"), (9, "-9")])
+def test_xz_argv_builders(level, preset):
+    assert xz.compress_argv(Path("/o/a.img"), level) == [
+        "xz", "--compress", "--stdout", "--format=xz", "--check=crc64", preset, "--block-size=24MiB", "--threads=0",
         "--no-adjust", "--", "/o/a.img"]
     assert xz.check_argv(Path("/o/.a.img.xz.partial-1")) == ["xz", "--test", "--threads=0", "--",
                                                              "/o/.a.img.xz.partial-1"]
@@ -36,6 +37,8 @@ def test_xz_key_changes_with_the_argv_only(make_build):
     b = make_build(artifacts=("raw", "sbom"), raw_generic=True, registry="127.0.0.1:5000/k")
     assert xz.key(a) == xz.key(b)
     assert json.loads(xz.key(a))["argv"][-1] == "IMG"
+    faster = make_build(artifacts=("raw",), raw_generic=True, raw_xz_level=0)
+    assert xz.key(faster) != xz.key(a) and "-0" in json.loads(xz.key(faster))["argv"]
 
 
 # --- xz: the real program -----------------------------------------------------------------
@@ -74,7 +77,7 @@ def test_compression_is_reproducible_whatever_the_cores_and_times(raw_build, tmp
             os.sched_setaffinity(0, cpus)
         assert sha256(out) == first
     def threads(value: str) -> str:
-        run([value if a == "--threads=0" else a for a in xz.compress_argv(img)], stdout=tmp_path / "other.xz")
+        run([value if a == "--threads=0" else a for a in xz.compress_argv(img, b.flavor.raw_xz_level)], stdout=tmp_path / "other.xz")
         return sha256(tmp_path / "other.xz")
 
     for value in ("--threads=+1", "--threads=2"):
