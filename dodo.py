@@ -7,6 +7,7 @@ Selection (environment or doit variables, e.g. `doit flavors=flavors/upstream`):
   KAIROS_STATE                state directory (doit DB, digests; default .state/)
   KAIROS_OUTPUTS              artifacts directory (default outputs/)
   KAIROS_VERBOSE=1 / -v 2     print every command run
+  KAIROS_NO_CACHE=1           conversions run every step again (docker build --no-cache)
 """
 import os
 import sys

@@ -7,6 +7,7 @@
   images             list the Docker image references a state directory records (CI helpers)
   genkey             generate Secure Boot keys (PK, KEK, db) for Trusted Boot images
   needs              what a machine must install to build the selected flavors (ci/setup.sh reads it)
+  rebuild-check      build the selection twice from scratch and compare every artifact byte for byte
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import keys, naming, needs
+from . import keys, naming, needs, rebuild
 from .providers import PROVIDERS, next_versions
 from .config import load_flavors
 from .epoch import build_epoch
@@ -187,6 +188,15 @@ def cmd_genkey(args) -> int:
     return 0
 
 
+def cmd_rebuild_check(args) -> int:
+    builds = selected_builds(args)
+    if builds is None:
+        return 2
+    return rebuild.rebuild_check(ROOT, builds, args.tasks, args.flavors, args.shard,
+                                 Path(args.work) if args.work else None, args.keep,
+                                 Path(args.json) if args.json else None)
+
+
 def add_selection(command: argparse.ArgumentParser) -> None:
     """--flavors and --shard: which builds a command works on (see selected_builds); without them
     the selection doit would build (dodo.py): KAIROS_FLAVORS and KAIROS_SHARD, else flavors/."""
@@ -277,6 +287,19 @@ def parser() -> argparse.ArgumentParser:
                                  f"{var}.auth; repeat for several")
     genkey.add_argument("--force", action="store_true", help="replace the keys DIR already holds")
     genkey.set_defaults(func=cmd_genkey)
+    check = sub.add_parser(
+        "rebuild-check", help="build the selection twice from scratch and compare every artifact byte for byte",
+        description=rebuild.__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Both runs push to the flavors' registry like any build. Example: python -m tasks rebuild-check "
+               "--flavors flavors/debian-12.yaml squashfs:kairos-debian-12-core-amd64-generic-v3.1.0")
+    add_selection(check)
+    check.add_argument("tasks", nargs="*", metavar="TASK",
+                       help="doit tasks to build, e.g. iso:<stem> (default: every task of the selection)")
+    check.add_argument("--work", metavar="DIR",
+                       help="where the two runs go (DIR/run1, DIR/run2); default: a new directory under /var/tmp")
+    check.add_argument("--keep", action="store_true", help="keep both runs' state and outputs afterwards")
+    check.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
+    check.set_defaults(func=cmd_rebuild_check)
     return p
 
 

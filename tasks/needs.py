@@ -183,6 +183,8 @@ PROGRAMS: dict[str, Program] = {
     "crane": Program(go="crane"),
     "gitlab-ci-local": Program(npm="gitlab-ci-local"),
     "rsync": _apt("rsync"),  # gitlab-ci-local copies the project, caches and artifacts with it
+    # `python -m tasks rebuild-check` names the first differing file inside an artifact with it
+    "diffoscope": _apt("diffoscope-minimal", version=("diffoscope", "--version")),
 }
 
 # always: the Docker engine (docker.io unless an engine with buildx answers: ci/setup.sh's rule),
@@ -190,9 +192,9 @@ PROGRAMS: dict[str, Program] = {
 BASE: tuple[str, ...] = ("docker", "docker-registry", "curl", "git")
 # only the test suite: linters of the CI files, socat (the engine's TCP proxy in a test), crane for
 # the -img carriers, keys for Trusted Boot tests (genkey), gitlab-ci-local (and its rsync) running
-# ci/gitlab-ci.yml, and pyproject.toml's [test]
+# ci/gitlab-ci.yml, diffoscope for rebuild-check, and pyproject.toml's [test]
 TEST_ONLY: tuple[str, ...] = ("shellcheck", "socat", "actionlint", "crane", "openssl", "cert-to-efi-sig-list",
-                              "sign-efi-sig-list", "gitlab-ci-local", "rsync")
+                              "sign-efi-sig-list", "gitlab-ci-local", "rsync", "diffoscope")
 TEST_EXTRA = "test"
 
 

@@ -23,7 +23,7 @@ import shlex
 import shutil
 from pathlib import Path
 
-from .. import naming
+from .. import epoch, naming
 from ..builders import native_iso
 from ..graph import Context, action, task
 from ..matrix import Build
@@ -164,13 +164,18 @@ def builtin_install_script(b: Build) -> str:
         "rm -rf /var/lib/apt/lists/*",
         "mkdir -p /etc/systemd/system/getty.target.wants",
         f"ln -sf /lib/systemd/system/serial-getty@.service /etc/systemd/system/getty.target.wants/serial-getty@{tty}.service",
+        # the emptied /etc/machine-id (forget_run_state) makes every boot a first boot, when
+        # systemd-firstboot would wait on the console for a locale, time zone and root password
+        "ln -sf /dev/null /etc/systemd/system/systemd-firstboot.service",
+        *forget_run_state(),
     ]) + "\n"
 
 
 def builtin_initrd_script() -> str:
     """Second step of the builtin converter (pure): one generic dracut initrd (`--no-hostonly`; a
-    `docker build` RUN has /proc and /dev mounted, which dracut needs) that understands the
-    Kairos live command lines, and the /boot/vmlinuz and /boot/initrd links."""
+    `docker build` RUN has /proc and /dev mounted, which dracut needs; `--reproducible`: sorted
+    cpio entries dated SOURCE_DATE_EPOCH) that understands the Kairos live command lines, and the
+    /boot/vmlinuz and /boot/initrd links."""
     module = []
     for name, text in DRACUT_MODULE.items():
         module += [f"cat > {DRACUT_MODULE_DIR}/{name} <<'KAIROS_EOF'", text.rstrip("\n"), "KAIROS_EOF",
@@ -184,20 +189,40 @@ def builtin_initrd_script() -> str:
         "k=$(ls -1 vmlinuz-* | sort -V | tail -n 1)",
         'kver="${k#vmlinuz-}"',
         'rm -f "initrd.img-$kver"',
-        'dracut --no-hostonly --force --kver "$kver" "initrd.img-$kver"',
+        'dracut --no-hostonly --reproducible --force --kver "$kver" "initrd.img-$kver"',
         'chmod 0644 "initrd.img-$kver"',
         'ln -sf "$k" vmlinuz',
         'ln -sf "initrd.img-$kver" initrd',
         'test -s "initrd.img-$kver"',
+        *forget_run_state(),
     ]) + "\n"
 
 
 BUILTIN_STEPS = {"install": "builtin-install.sh", "initrd": "builtin-initrd.sh"}  # step -> file in the context
 
+# what a package installation leaves that depends on the run, not on the packages (reproducible
+# builds): logs with times, caches with times or hash seeds, backups of the previous state, and
+# the host identity (an empty /etc/machine-id: systemd makes one at each boot, as in upstream images)
+RUN_STATE = ("/var/log/dpkg.log", "/var/log/alternatives.log", "/var/log/apt/history.log", "/var/log/apt/term.log",
+             "/var/log/apt/eipp.log.xz", "/var/cache/ldconfig/aux-cache", "/var/lib/dpkg/status-old",
+             "/var/lib/dpkg/diversions-old", "/var/lib/dpkg/statoverride-old", "/var/cache/debconf/config.dat-old",
+             "/var/cache/debconf/templates.dat-old", "/var/cache/debconf/passwords.dat-old",
+             "/var/lib/dbus/machine-id", "/var/lib/systemd/random-seed", "/etc/passwd-", "/etc/group-",
+             "/etc/shadow-", "/etc/gshadow-", "/etc/subuid-", "/etc/subgid-")
+
+
+def forget_run_state() -> list[str]:
+    """Shell lines removing RUN_STATE and emptying /etc/machine-id (pure)."""
+    return ["rm -f " + " ".join(RUN_STATE), "if [ -e /etc/machine-id ]; then : > /etc/machine-id; fi"]
+
 
 def builtin_scripts(b: Build) -> dict[str, str]:
-    """The builtin converter's scripts by build-context file name (pure)."""
-    return {BUILTIN_STEPS["install"]: builtin_install_script(b), BUILTIN_STEPS["initrd"]: builtin_initrd_script()}
+    """The builtin converter's scripts by build-context file name (pure). Each starts by exporting
+    the build's SOURCE_DATE_EPOCH: dracut, useradd and the other tools that honour it stamp that
+    time instead of the clock's."""
+    head = f"export {epoch.NAME}={epoch.build_epoch(b.flavor)}\n"
+    return {BUILTIN_STEPS["install"]: head + builtin_install_script(b),
+            BUILTIN_STEPS["initrd"]: head + builtin_initrd_script()}
 
 
 def issue_text(b: Build) -> str:
@@ -307,6 +332,15 @@ def cache_refs(b: Build) -> tuple[str, ...]:
     return tuple(dict.fromkeys(b.image if ref == OWN_TAG else ref for ref in b.flavor.cache_from))
 
 
+NO_CACHE = "KAIROS_NO_CACHE"  # 1: conversions read no build cache (rebuild-check's clean builds)
+
+
+def no_cache() -> bool:
+    """Whether the environment asks for conversions without any build cache (KAIROS_NO_CACHE=1).
+    Not part of the task key: a build without cache must give what a cached one gives."""
+    return os.environ.get(NO_CACHE, "") == "1"
+
+
 def convert(paths: Paths, b: Build) -> None:
     base_digest = read_digest(paths.pulled(b.base.ident, b.arch))
     resolve.ensure_local(b.base.ref, base_digest, b.arch)
@@ -329,11 +363,13 @@ def convert(paths: Paths, b: Build) -> None:
         iid = ctx_dir / "iid"
         all_labels = dict(labels(b), **{"org.opencontainers.image.base.digest": base_digest})
         say(f"    docker build ({b.flavor.converter}, {b.platform}) -> {b.image}")
-        cache = cache_refs(b)
-        if cache:
+        cache, fresh = cache_refs(b), no_cache()
+        if fresh:
+            say(f"    {NO_CACHE}=1: every step runs again (docker build --no-cache)")
+        elif cache:
             say(f"    build cache from the registry: {', '.join(cache)}")
-        run(docker.build_argv(cli, ctx_dir, b.image, b.platform, iid, all_labels, cache), env=cli.env(), show=True,
-            what=f"convert {b.stem}")
+        run(docker.build_argv(cli, ctx_dir, b.image, b.platform, iid, all_labels, cache, no_cache=fresh),
+            env=cli.env(), show=True, what=f"convert {b.stem}")
         image = docker.read_iidfile(iid)
     write_text_atomic(paths.image_id(b), image + "\n")
     say(f"    {b.image} = {image}")

@@ -196,10 +196,13 @@ class BuildCli:
 
 
 def build_argv(cli: BuildCli, context: Path, image_tag: str, platform: str, iidfile: Path,
-               labels: dict[str, str] | None = None, cache_from: tuple[str, ...] = ()) -> list[str]:
+               labels: dict[str, str] | None = None, cache_from: tuple[str, ...] = (),
+               no_cache: bool = False) -> list[str]:
     """The argv of a BuildKit build of ``context`` (pure; table-tested). With ``cache_from`` the
     image carries BuildKit's inline cache (so a push shares its layers as build cache) and the
-    build reuses the inline cache of those images (a missing one is skipped by BuildKit)."""
+    build reuses the inline cache of those images (a missing one is skipped by BuildKit).
+    ``no_cache``: every step runs again (`--no-cache`), reading no cache of any image; the
+    image still carries its inline cache when ``cache_from`` is given, as it would otherwise."""
     if cli.mode == "buildx":
         argv = [cli.path, "buildx", "build", "--load"]
     else:
@@ -209,8 +212,10 @@ def build_argv(cli: BuildCli, context: Path, image_tag: str, platform: str, iidf
         argv += ["--label", f"{key}={value}"]
     if cache_from:
         argv += ["--build-arg", "BUILDKIT_INLINE_CACHE=1"]
-        for ref in cache_from:
+        for ref in () if no_cache else cache_from:
             argv += ["--cache-from", ref]
+    if no_cache:
+        argv.append("--no-cache")
     argv.append(str(context))
     return argv
 

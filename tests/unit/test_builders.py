@@ -14,7 +14,8 @@ from tasks.model import BuiltinOptions, MmdebstrapBase, SquashfsOptions
 from tasks.run import run
 from tasks.stages import preflight
 from tasks.stages.base import mmdebstrap_argv
-from tasks.stages.convert import (DIGEST, cache_refs, builtin_initrd_script, builtin_scripts, dockerfile,
+from tasks.epoch import build_epoch
+from tasks.stages.convert import (DIGEST, cache_refs, builtin_initrd_script, builtin_scripts, dockerfile, forget_run_state,
                                   dockerfile_builtin, dockerfile_kairos_init, overlay_touches_initrd,
                                   kairos_init_flags, kairos_release, labels, overlay_files)
 from tasks.stages.extract import mksquashfs_argv, mksquashfs_env, pick_boot_file, squashfs_key
@@ -175,9 +176,24 @@ def test_builtin_scripts_are_valid_shell(make_build, packages, arch, device, tty
                                    "isc-dhcp-client", "curl", "ca-certificates", "systemd-sysv", *grub, *packages]
     assert "export DEBIAN_FRONTEND=noninteractive INITRD=No" in script  # no initrd from the kernel postinst
     assert "dracut --" not in script                                     # the initrd is the next step's
-    assert 'dracut --no-hostonly --force --kver "$kver" "initrd.img-$kver"' in initrd
-    assert "apt-get" not in initrd and initrd == builtin_initrd_script()  # the same for every build
+    assert 'dracut --no-hostonly --reproducible --force --kver "$kver" "initrd.img-$kver"' in initrd
+    # the same for every build of one epoch, which both scripts export first
+    head = f"export SOURCE_DATE_EPOCH={build_epoch(b.flavor)}\n"
+    assert "apt-get" not in initrd and initrd == head + builtin_initrd_script()
+    assert script.startswith(head + "set -eu\n")
     assert f"getty.target.wants/serial-getty@{tty}.service" in script
+    # both steps end by forgetting what the run left (logs, caches, the machine's identity)
+    for text in (script, initrd):
+        assert text.rstrip().splitlines()[-2:] == forget_run_state()
+    assert "/var/log/apt/history.log" in forget_run_state()[0] and "/var/cache/ldconfig/aux-cache" in forget_run_state()[0]
+
+
+def test_builtin_scripts_stamp_the_flavors_epoch(make_build, monkeypatch):
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    own = builtin_scripts(make_build(source_date_epoch=1234, **BUILTIN))
+    assert all(text.startswith("export SOURCE_DATE_EPOCH=1234\n") for text in own.values())
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "99")
+    assert builtin_scripts(make_build(**BUILTIN))["builtin-install.sh"].startswith("export SOURCE_DATE_EPOCH=99\n")
 
 
 def test_builtin_script_writes_the_dracut_config_and_module(make_build, tmp_path):
@@ -512,6 +528,17 @@ def test_build_argv_with_registry_cache(cli):
     assert argv[-7:] == ["--build-arg", "BUILDKIT_INLINE_CACHE=1", "--cache-from", "r/x:1",
                          "--cache-from", "r/y:cache", "/ctx"]
     assert "--cache-from" not in build_argv(cli, Path("/ctx"), "r/x:1", "linux/amd64", Path("/ctx/iid"))
+
+
+@pytest.mark.parametrize("cache_from, tail", [
+    (("r/x:1",), ["--build-arg", "BUILDKIT_INLINE_CACHE=1", "--no-cache", "/ctx"]),
+    ((), ["--tag", "r/x:1", "--no-cache", "/ctx"]),
+])
+def test_build_argv_without_cache(cache_from, tail):
+    """--no-cache reads no image's cache; the image carries the inline cache as a normal build's would."""
+    argv = build_argv(BuildCli("/usr/bin/docker", "classic"), Path("/ctx"), "r/x:1", "linux/amd64",
+                      Path("/ctx/iid"), None, cache_from, no_cache=True)
+    assert argv[-len(tail):] == tail and "--cache-from" not in argv
 
 
 @pytest.mark.parametrize("cli, env", [
