@@ -198,7 +198,7 @@ def build_once(n: int, project: Path, root: Path, targets: list[str], env: dict[
     log = root / "doit.log"
     say(f"run {n} of 2: doit {' '.join(targets) or '(every task)'} into {root} (log: {log})")
     started = time.monotonic()
-    with open(log, "w") as out:
+    with open(log, "w", buffering=1) as out:  # line-buffered: the log follows the run
         proc = subprocess.Popen(doit_argv(targets), cwd=project, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                                 stdin=subprocess.DEVNULL)

@@ -25,8 +25,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from ..epoch import epoch_env, frozen_clock_argv
 from ..needs import IPXE_LKRN, PROGRAMS
 from ..run import KairosError, UsageError, run
+from .native_iso import iso_date
 
 SECTOR = 512
 MIB = 1 << 20
@@ -85,10 +87,14 @@ def iso_grub_cfg(title: str, lkrn: str = LKRN_NAME, script: str = SCRIPT_NAME) -
     )
 
 
-def mkrescue_argv(out: Path, tree: Path, grub_dir: Path = GRUB_PC_DIR) -> list[str]:
-    """grub-mkrescue for BIOS only, with just the modules the config uses."""
-    return ["grub-mkrescue", "-d", str(grub_dir), "--install-modules=" + " ".join(ISO_MODULES),
-            "--fonts=", "--locales=", "--themes=", "-o", str(out), str(tree)]
+def mkrescue_argv(out: Path, tree: Path, grub_dir: Path = GRUB_PC_DIR, *, epoch: int) -> list[str]:
+    """grub-mkrescue for BIOS only, with just the modules the config uses, dated at ``epoch`` as
+    the Kairos ISO is (`native_iso.mkrescue_argv`: clock stopped at the epoch, SOURCE_DATE_EPOCH for
+    xorriso, every file dated at the epoch)."""
+    return frozen_clock_argv(epoch, [
+        "grub-mkrescue", "-d", str(grub_dir), "--install-modules=" + " ".join(ISO_MODULES),
+        "--fonts=", "--locales=", "--themes=", "-o", str(out), "--set_all_file_dates", iso_date(epoch),
+        str(tree)], epoch_env(epoch))
 
 
 # --- USB disk image ---------------------------------------------------------------
@@ -132,15 +138,17 @@ def sfdisk_argv(image: Path) -> list[str]:
     return ["sfdisk", "--no-reread", "--no-tell-kernel", "--wipe", "always", str(image)]
 
 
-def mkfs_vfat_argv(image: Path, part_size: int, volume_id: str, label: str = FAT_LABEL) -> list[str]:
-    """FAT16 written straight into the partition of the disk image file."""
-    return ["mkfs.vfat", "-F", "16", "-s", "1", "-n", label, "-i", volume_id,
-            "-h", str(PART_START // SECTOR), "--offset", str(PART_START // SECTOR),
-            str(image), str(part_size // 1024)]
+def mkfs_vfat_argv(image: Path, part_size: int, volume_id: str, label: str = FAT_LABEL, *, epoch: int) -> list[str]:
+    """FAT16 written straight into the partition of the disk image file; its times (volume label
+    entry) from the clock, stopped at ``epoch``."""
+    return frozen_clock_argv(epoch, [
+        "mkfs.vfat", "-F", "16", "-s", "1", "-n", label, "-i", volume_id,
+        "-h", str(PART_START // SECTOR), "--offset", str(PART_START // SECTOR), str(image), str(part_size // 1024)])
 
 
-def mcopy_argv(image: Path, source: Path, name: str) -> list[str]:
-    return ["mcopy", "-i", f"{image}@@{PART_START}", "-o", str(source), f"::{name}"]
+def mcopy_argv(image: Path, source: Path, name: str, *, epoch: int) -> list[str]:
+    """mcopy dates the copy with the clock (stopped at ``epoch``), not with the source's time (no -m)."""
+    return frozen_clock_argv(epoch, ["mcopy", "-i", f"{image}@@{PART_START}", "-o", str(source), f"::{name}"])
 
 
 def mkimage_argv(out: Path, config: Path, grub_dir: Path = GRUB_PC_DIR) -> list[str]:
@@ -177,27 +185,28 @@ def write_boot_code(image: Path, boot_img: bytes, core_img: bytes) -> None:
 # --- running them -----------------------------------------------------------------
 
 def build_iso(out: Path, work: Path, script: Path, lkrn: Path, title: str,
-              grub_dir: Path = GRUB_PC_DIR) -> None:
-    """``out``: a BIOS-bootable hybrid ISO booting iPXE with ``script``."""
+              grub_dir: Path = GRUB_PC_DIR, *, epoch: int) -> None:
+    """``out``: a BIOS-bootable hybrid ISO booting iPXE with ``script``, dated at ``epoch``."""
     tree = work / "iso"
     (tree / "boot" / "grub").mkdir(parents=True)
     (tree / LKRN_NAME).write_bytes(lkrn.read_bytes())
     (tree / SCRIPT_NAME).write_bytes(script.read_bytes())
     (tree / "boot" / "grub" / "grub.cfg").write_text(iso_grub_cfg(title))
-    run(mkrescue_argv(out, tree, grub_dir), what="grub-mkrescue (iPXE ISO)")
+    run(mkrescue_argv(out, tree, grub_dir, epoch=epoch), what="grub-mkrescue (iPXE ISO)")
 
 
 def build_usb(out: Path, work: Path, script: Path, lkrn: Path, seed: str,
-              grub_dir: Path = GRUB_PC_DIR) -> None:
-    """``out``: a raw disk image (MBR, FAT16 partition) booting iPXE with ``script``."""
+              grub_dir: Path = GRUB_PC_DIR, *, epoch: int) -> None:
+    """``out``: a raw disk image (MBR, FAT16 partition) booting iPXE with ``script``, dated at
+    ``epoch`` (the disk and volume ids come from ``seed``)."""
     part_size, image_size = usb_sizes(lkrn.stat().st_size + script.stat().st_size)
     label_id, volume_id = disk_ids(seed)
     with open(out, "wb") as fh:
         fh.truncate(image_size)
     run(sfdisk_argv(out), feed=[sfdisk_script(part_size, label_id).encode()], what="sfdisk (iPXE USB image)")
-    run(mkfs_vfat_argv(out, part_size, volume_id), what="mkfs.vfat (iPXE USB image)")
-    run(mcopy_argv(out, lkrn, LKRN_NAME), what="mcopy ipxe.lkrn")
-    run(mcopy_argv(out, script, SCRIPT_NAME), what="mcopy the iPXE script")
+    run(mkfs_vfat_argv(out, part_size, volume_id, epoch=epoch), what="mkfs.vfat (iPXE USB image)")
+    run(mcopy_argv(out, lkrn, LKRN_NAME, epoch=epoch), what="mcopy ipxe.lkrn")
+    run(mcopy_argv(out, script, SCRIPT_NAME, epoch=epoch), what="mcopy the iPXE script")
     config = work / "usb-core.cfg"
     config.write_text(usb_core_cfg())
     core = work / "core.img"

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from ..builders import native_ipxe
+from ..epoch import build_epoch
 from ..graph import Context, action, refused_task, task
 from ..matrix import Build
 from ..run import say
@@ -64,15 +65,16 @@ def problem(b: Build) -> str | None:
 
 def key(b: Build) -> str:
     """Every option that changes the outputs, for config_changed (pure)."""
-    placeholder = Path("{out}")
+    placeholder, epoch = Path("{out}"), build_epoch(b.flavor)
     return json.dumps({
         "script": ipxe_script(b.flavor.netboot_url or "", b.stem),
         "iso_cfg": native_ipxe.iso_grub_cfg(b.stem),
-        "iso": native_ipxe.mkrescue_argv(placeholder, Path("{tree}")),
+        "iso": native_ipxe.mkrescue_argv(placeholder, Path("{tree}"), epoch=epoch),
         "usb_cfg": native_ipxe.usb_core_cfg(),
         "usb": [native_ipxe.mkimage_argv(Path("{core}"), Path("{cfg}")),
                 native_ipxe.sfdisk_script(native_ipxe.MIN_PART_SIZE, "{id}"),
-                native_ipxe.mkfs_vfat_argv(placeholder, native_ipxe.MIN_PART_SIZE, "{vol}")],
+                native_ipxe.mkfs_vfat_argv(placeholder, native_ipxe.MIN_PART_SIZE, "{vol}", epoch=epoch),
+                native_ipxe.mcopy_argv(placeholder, Path("{src}"), "{name}", epoch=epoch)],
         "lkrn": [str(p) for p in native_ipxe.IPXE_LKRN_CANDIDATES],
         "stage": STAGE_VERSION,
     }, sort_keys=True)
@@ -90,12 +92,13 @@ def build(paths: Paths, b: Build) -> None:
     with scratch_dir(paths.tmp_dir(), f"{b.stem}-ipxe") as work:
         say(f"    grub-mkrescue -> {iso_out.name}")
         with atomic_path(iso_out) as tmp:
-            native_ipxe.build_iso(tmp, work, script_out, lkrn, f"Kairos netboot (iPXE): {b.stem}")
+            native_ipxe.build_iso(tmp, work, script_out, lkrn, f"Kairos netboot (iPXE): {b.stem}",
+                                  epoch=build_epoch(b.flavor))
         write_checksum(iso_out)
         say(f"    {iso_out.name}: {iso_out.stat().st_size} bytes")
         say(f"    sfdisk + mkfs.vfat + mcopy + grub-mkimage -> {usb_out.name}")
         with atomic_path(usb_out) as tmp:
-            native_ipxe.build_usb(tmp, work, script_out, lkrn, b.stem)
+            native_ipxe.build_usb(tmp, work, script_out, lkrn, b.stem, epoch=build_epoch(b.flavor))
         write_checksum(usb_out)
         say(f"    {usb_out.name}: {usb_out.stat().st_size} bytes")
 

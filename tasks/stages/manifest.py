@@ -82,6 +82,8 @@ def file_record(path: Path, sha: str | None = None) -> dict:
 def build_record(paths: Paths, b: Build) -> dict:
     f = b.flavor
     base = {"ref": b.base.ref, "digest": read_digest(paths.resolved(b.base.ident))}
+    if b.base.mmdebstrap is not None:  # the package pin: its mirror (a dated snapshot), also apt's in the conversion
+        base["mmdebstrap"] = b.base.mmdebstrap.options()
     init = None
     if f.kairos_init_image:
         init = {"ref": f.kairos_init_image,
@@ -129,6 +131,11 @@ def release_notes(version: str, builds: list[Build], records: list[dict], carrie
     epochs = sorted({r["inputs"]["source_date_epoch"] for r in records if "inputs" in r})
     if epochs:
         out += [f"Dated SOURCE_DATE_EPOCH={', '.join(map(str, epochs))} (squashfs, ISO, raw disk images, UKI).", ""]
+    bases = [r["inputs"]["base"] for r in records if "inputs" in r]
+    mirrors = sorted({(m["suite"], m["mirror"]) for base in bases if (m := base.get("mmdebstrap"))})
+    if mirrors:
+        out += ["Packages (mmdebstrap bases, and apt in the conversion) from: "
+                + ", ".join(f"{suite} at {mirror}" for suite, mirror in mirrors) + ".", ""]
     out += ["| File | Size | sha256 |", "|---|---:|---|"]
     for record in records:
         for o in record["outputs"]:

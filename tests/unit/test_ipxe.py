@@ -139,10 +139,15 @@ def test_iso_grub_cfg():
     assert cfg.startswith("serial --unit=0\n")
 
 
+FROZEN = ["env", "TZ=UTC", "faketime", "-f", "2023-11-14 22:13:20"]  # the clock stopped at 1700000000
+
+
 def test_mkrescue_argv():
-    assert nx.mkrescue_argv(Path("/o/x.iso"), Path("/w/iso")) == [
+    assert nx.mkrescue_argv(Path("/o/x.iso"), Path("/w/iso"), epoch=1700000000) == [
+        "env", "TZ=UTC", "SOURCE_DATE_EPOCH=1700000000", "faketime", "-f", "2023-11-14 22:13:20",
         "grub-mkrescue", "-d", "/usr/lib/grub/i386-pc", "--install-modules=normal linux16 serial terminal echo",
-        "--fonts=", "--locales=", "--themes=", "-o", "/o/x.iso", "/w/iso"]
+        "--fonts=", "--locales=", "--themes=", "-o", "/o/x.iso", "--set_all_file_dates", "2023111422132000",
+        "/w/iso"]
 
 
 # --- native builder: USB image ----------------------------------------------------
@@ -180,10 +185,10 @@ def test_sfdisk_script_and_argv():
 
 
 def test_mkfs_vfat_mcopy_mkimage_argv():
-    assert nx.mkfs_vfat_argv(Path("/w/u.img"), 7 * MIB, "ABCD1234") == [
+    assert nx.mkfs_vfat_argv(Path("/w/u.img"), 7 * MIB, "ABCD1234", epoch=1700000000) == FROZEN + [
         "mkfs.vfat", "-F", "16", "-s", "1", "-n", "KAIROSIPXE", "-i", "ABCD1234", "-h", "2048",
         "--offset", "2048", "/w/u.img", "7168"]
-    assert nx.mcopy_argv(Path("/w/u.img"), Path("/x/s.ipxe"), "kairos.ipxe") == [
+    assert nx.mcopy_argv(Path("/w/u.img"), Path("/x/s.ipxe"), "kairos.ipxe", epoch=1700000000) == FROZEN + [
         "mcopy", "-i", "/w/u.img@@1048576", "-o", "/x/s.ipxe", "::kairos.ipxe"]
     assert nx.mkimage_argv(Path("/w/core.img"), Path("/w/c.cfg")) == [
         "grub-mkimage", "-O", "i386-pc", "-d", "/usr/lib/grub/i386-pc", "-o", "/w/core.img", "-p", "(,msdos1)/",

@@ -1,4 +1,4 @@
-"""Same inputs, same bytes: the squashfs, ISO and raw builders run twice on small fixture files
+"""Same inputs, same bytes: the squashfs, ISO, raw and iPXE builders run twice on small fixture files
 whose times differ (as two builds' outputs would) and at different clock times give identical
 files; a different SOURCE_DATE_EPOCH gives different ones (so the check is not vacuous)."""
 from __future__ import annotations
@@ -130,3 +130,32 @@ def test_raw_same_inputs_same_bytes(tmp_path, kind):
     time.sleep(1.1)
     assert build("two", time.time() + 7200) == first
     assert build("three", time.time(), EPOCH + 86400) != first
+
+
+@needs_grub
+@needs_disk_tools
+def test_ipxe_media_same_inputs_same_bytes(tmp_path):
+    """The iPXE ISO and USB image, twice from the same script and ipxe.lkrn bytes (dated
+    differently) a second apart, are identical; another epoch differs."""
+    from tasks.builders import native_ipxe
+
+    def build(name: str, when: float, epoch: int = EPOCH) -> tuple[str, str]:
+        folder = tmp_path / name
+        folder.mkdir()
+        script, lkrn = folder / "kairos.ipxe", folder / "ipxe.lkrn"
+        script.write_text("#!ipxe\nkernel http://10.0.2.2/k\nboot\n")
+        lkrn.write_bytes(hashlib.sha256(b"lkrn").digest() * 9000)
+        for path in (script, lkrn):
+            os.utime(path, (when, when))
+        iso, usb = folder / "m.iso", folder / "m.img"
+        (folder / "wi").mkdir()
+        (folder / "wu").mkdir()
+        native_ipxe.build_iso(iso, folder / "wi", script, lkrn, "Kairos test", epoch=epoch)
+        native_ipxe.build_usb(usb, folder / "wu", script, lkrn, "kairos-test", epoch=epoch)
+        return sha256(iso), sha256(usb)
+
+    first = build("one", time.time())
+    time.sleep(1.1)
+    assert build("two", time.time() + 7200) == first
+    other = build("three", time.time(), EPOCH + 86400)
+    assert other[0] != first[0] and other[1] != first[1]

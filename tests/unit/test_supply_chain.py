@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tasks.matrix import expand
-from tasks.model import ScanOptions, SignOptions
+from tasks.model import MmdebstrapBase, ScanOptions, SignOptions
 from tasks.run import KairosError
 from tasks.stages import convert, manifest, scan, sign
 from tasks.stages.manifest import release_notes
@@ -181,6 +181,24 @@ def test_provenance_and_manifest_name_the_provider_and_its_version(make_build, t
     assert record["inputs"]["source_date_epoch"] == 1700000000  # the default: no flavor key, no variable
     notes = release_notes("v3.1.0", [b], [{**record, "outputs": []}], {})
     assert "Dated SOURCE_DATE_EPOCH=1700000000 (squashfs, ISO, raw disk images, UKI)." in notes
+    assert "mmdebstrap" not in record["inputs"]["base"] and "Packages (" not in notes  # a registry base
+
+
+def test_manifest_and_release_notes_record_the_package_mirror(make_build, tmp_path):
+    """An mmdebstrap base's mirror pins the package set (a dated snapshot): the manifest records it with
+    the other mmdebstrap options, RELEASE.md names it."""
+    mirror = "http://snapshot.debian.org/archive/debian/20241101T000000Z"
+    b = make_build(base_image=MmdebstrapBase(suite="bookworm", mirror=mirror), converter="builtin", kairos_init_image=None,
+                   artifacts=())
+    paths = Paths(tmp_path / "s", tmp_path / "o")
+    for digest_file in (paths.resolved(b.base.ident), paths.image_id(b), paths.pushed(b)):
+        digest_file.parent.mkdir(parents=True, exist_ok=True)
+        digest_file.write_text("sha256:" + "c" * 64 + "\n")
+    record = manifest.build_record(paths, b)
+    assert record["inputs"]["base"]["mmdebstrap"] == {"suite": "bookworm", "variant": "minbase", "mirror": mirror,
+                                                     "components": ["main"], "include": []}
+    notes = release_notes("v3.1.0", [b], [{**record, "outputs": []}], {})
+    assert f"Packages (mmdebstrap bases, and apt in the conversion) from: bookworm at {mirror}." in notes
 
 
 def test_release_notes_list_each_provider_and_its_versions(make_flavor):
