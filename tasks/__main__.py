@@ -290,8 +290,8 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "rebuild-check", help="build the selection twice from scratch and compare every artifact byte for byte",
         description=rebuild.__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Both runs push to the flavors' registry like any build. Example: python -m tasks rebuild-check "
-               "--flavors flavors/debian-12.yaml squashfs:kairos-debian-12-core-amd64-generic-v3.1.0")
+        epilog=rebuild.exceptions_text() + "\n\nBoth runs push to the flavors' registry like any build. Example:\n"
+               "  python -m tasks rebuild-check --flavors flavors/debian-12.yaml iso:kairos-debian-12-core-amd64-generic-v3.1.0")
     add_selection(check)
     check.add_argument("tasks", nargs="*", metavar="TASK",
                        help="doit tasks to build, e.g. iso:<stem> (default: every task of the selection)")

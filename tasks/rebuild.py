@@ -9,7 +9,7 @@ package mirror. It then prints one row per file the first run wrote into outputs
   DIFFERENT        other bytes; the row names the first differing file inside (diffoscope, Debian
                    package diffoscope-minimal, when installed), else the first differing byte
   MISSING          the second run did not write it
-  known exception  a file that cannot be identical, and why (`EXCEPTIONS`); never counted as a pass
+  known exception  a file that cannot be identical, and why (listed below); never counted as a pass
 
 Exit status 0 when every row is identical or a known exception, 1 otherwise (or when a run
 fails), 2 for bad usage.
@@ -38,7 +38,7 @@ IDENTICAL, DIFFERENT, MISSING, EXCEPTION = "identical", "DIFFERENT", "MISSING", 
 # image digests: the converted image's layers keep the conversion's file times (docker 20.10's
 # BuildKit cannot rewrite them; BuildKit >= 0.13 has rewrite-timestamp), so two conversions of the
 # same inputs give the same file system (the squashfs shows it) under other image digests
-IMAGE_DIGEST = "they record the converted image's digest, and two conversions give other digests"
+IMAGE_DIGEST = "names the converted image by its digest, and two conversions give other digests"
 # artifact kind -> why its files cannot be identical
 EXCEPTIONS: dict[str, str] = {
     "sbom": f"{IMAGE_DIGEST}; syft also stamps its creation time and a random SPDX document namespace",
@@ -50,7 +50,7 @@ EXCEPTIONS: dict[str, str] = {
 }
 # version-level files (not of one build) -> why
 AGGREGATES: dict[str, str] = {
-    "manifest.json": f"{IMAGE_DIGEST}; the tools' versions and the SBOM and scan files it lists",
+    "manifest.json": f"{IMAGE_DIGEST}; it also lists the SBOM, scan and signature files' checksums",
     "RELEASE.md": f"{IMAGE_DIGEST} (in its pull and extract commands)",
     "SHA256SUMS": "it lists the checksums of the known exceptions as well",
 }
@@ -66,6 +66,14 @@ class Row:
     verdict: str
     sha256: str
     detail: str = ""
+
+
+def exceptions_text() -> str:
+    """The known exceptions, for --help (pure)."""
+    lines = ["known exceptions:"]
+    lines += [f"  {kind}: {why}" for kind, why in EXCEPTIONS.items()]
+    lines += [f"  {name}: {why}" for name, why in AGGREGATES.items()]
+    return "\n".join(lines)
 
 
 def kind_of(builds: list[Build]) -> dict[str, str]:

@@ -20,8 +20,8 @@ from tests.harness import CACHE
 
 # integration modules, slowest first (minutes on 2 cores: boots under TCG, arm64 under qemu-user, xz)
 SLOWEST_FIRST = tuple(f"integration/{name}" for name in (
-    "test_raw_rpi4", "test_uki_boot", "test_release", "test_iso_boot", "test_faults", "test_pipeline",
-    "test_ipxe_boot", "test_gitlab_ci", "test_registry_cache", "test_supply_chain", "test_ci_cache", "test_bench"))
+    "test_raw_rpi4", "test_uki_boot", "test_release", "test_iso_boot", "test_rebuild_check", "test_faults",
+    "test_pipeline", "test_ipxe_boot", "test_gitlab_ci", "test_registry_cache", "test_supply_chain", "test_ci_cache", "test_bench"))
 
 
 def _module(item) -> str:

@@ -104,3 +104,25 @@ def test_compare_two_output_trees(tmp_path, make_build):
         assert squash.detail.startswith("first difference inside: /etc/stamp"), squash.detail
     else:
         assert "first differing byte at offset" in squash.detail
+
+
+def test_cli_refuses_a_used_work_directory_and_bad_flavors(tmp_path, capsys):
+    from tasks.__main__ import main
+    (tmp_path / "work" / "run1").mkdir(parents=True)
+    flavor = Path(__file__).resolve().parents[2] / "flavors" / "debian-12.yaml"
+    assert main(["rebuild-check", "--flavors", str(flavor), "--work", str(tmp_path / "work")]) == 2
+    assert f"--work {tmp_path / 'work'}: {tmp_path / 'work' / 'run1'} exists" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("flavor: Debian\n")
+    assert main(["rebuild-check", "--flavors", str(bad), "--work", str(tmp_path / "w2")]) == 2
+    assert f"{bad}:1: flavor:" in capsys.readouterr().err
+    assert not (tmp_path / "w2").exists()  # nothing built, nothing made
+
+
+
+def test_help_lists_the_known_exceptions():
+    out = subprocess.run([sys.executable, "-m", "tasks", "rebuild-check", "--help"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2], check=True).stdout
+    assert "known exceptions:\n  sbom: names the converted image by its digest" in out
+    assert "\n  SHA256SUMS: it lists the checksums of the known exceptions as well\n" in out
+    assert "KAIROS_NO_CACHE=1" in out
