@@ -32,6 +32,7 @@ from .kinds import KINDS
 from .matrix import Build
 from .run import UsageError, say
 from .stages.convert import NO_CACHE
+from .tools import docker
 
 IDENTICAL, DIFFERENT, MISSING, EXCEPTION = "identical", "DIFFERENT", "MISSING", "known exception"
 
@@ -224,6 +225,24 @@ def build_once(n: int, project: Path, root: Path, targets: list[str], env: dict[
     return True
 
 
+def drop_superseded_images(first: Path, second: Path) -> list[str]:
+    """Remove from the engine the images the first run converted that the second run's did not
+    replace under the same ID (the second run took their tags: they are left untagged); returns
+    the IDs removed. An image the engine cannot remove (in use) stays."""
+    def ids(run_root: Path) -> set[str]:
+        folder = run_root / "state" / "image"
+        return {f.read_text().strip() for f in folder.glob("*")} if folder.is_dir() else set()
+
+    removed = []
+    for image in sorted(ids(first) - ids(second)):
+        try:
+            docker.client().images.remove(image, noprune=False)
+            removed.append(image)
+        except Exception:  # noqa: BLE001 - in use or gone: nothing to clean
+            pass
+    return removed
+
+
 def rebuild_check(project: Path, builds: list[Build], targets: list[str], flavors: str | None, shard: str | None,
                   work: Path | None, keep: bool, json_out: Path | None) -> int:
     """Two clean builds, the table; the exit status (module docstring)."""
@@ -238,6 +257,8 @@ def rebuild_check(project: Path, builds: list[Build], targets: list[str], flavor
                 keep = True  # what failed stays for a look
                 return 1
         rows = compare(runs[0] / "outputs", runs[1] / "outputs", kind_of(builds), root / "diffoscope")
+        for image in () if keep else drop_superseded_images(*runs):
+            say(f"rebuild-check: removed run 1's converted image {image} (run 2's holds its tag)")
         sys.stdout.write(render(rows))
         if json_out is not None:
             json_out.write_text(json.dumps({"passed": passed(rows), "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
