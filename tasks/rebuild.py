@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .kinds import KINDS
+from .kinds import BLOB_SIGNATURE_SUFFIXES, CHECKSUM_SUFFIX, KINDS
 from .matrix import Build
 from .run import UsageError, say
 from .stages.convert import NO_CACHE
@@ -78,8 +78,15 @@ def exceptions_text() -> str:
 
 
 def kind_of(builds: list[Build]) -> dict[str, str]:
-    """File name -> artifact kind, for every file (checksums included) the builds write (pure)."""
-    return {name: kind for b in builds for kind in b.kinds for name in KINDS[kind].files(b.stem)}
+    """File name -> artifact kind, for every file (checksums included) the builds write (pure);
+    the sign stage's files: its provenance and the signature and bundle of every `.sha256`."""
+    kinds = {name: kind for b in builds for kind in b.kinds for name in KINDS[kind].files(b.stem)}
+    for b in builds:
+        if "sign" in b.kinds:
+            kinds.update({b.stem + s: "sign" for s in KINDS["sign"].also_writes})
+            kinds.update({name + s: "sign" for name in list(kinds) if name.startswith(b.stem)
+                          and name.endswith(CHECKSUM_SUFFIX) for s in BLOB_SIGNATURE_SUFFIXES})
+    return kinds
 
 
 def exception_of(name: str, kind: str | None) -> str | None:

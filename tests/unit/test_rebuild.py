@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tasks import rebuild
+from tasks.model import SignOptions
 from tasks.rebuild import DIFFERENT, EXCEPTION, IDENTICAL, MISSING, Row
 
 
@@ -19,6 +20,12 @@ def test_kind_of_names_every_file_and_checksum(make_build):
     assert kinds[f"{b.stem}-kernel"] == kinds[f"{b.stem}-kernel.sha256"] == "kernel"
     assert kinds[f"{b.stem}-sbom.spdx.json"] == "sbom"
     assert kinds[f"{b.stem}-boot.json"] == "boot"
+    assert f"{b.stem}.iso.sha256.sig" not in kinds  # not signed
+    signed = make_build(artifacts=("iso", "sign"), sign=SignOptions(key=Path("/k/cosign.key")))
+    kinds = rebuild.kind_of([signed])
+    assert kinds[f"{signed.stem}.iso"] == "iso"
+    assert kinds[f"{signed.stem}.iso.sha256.sig"] == kinds[f"{signed.stem}.iso.sha256.bundle"] == "sign"
+    assert kinds[f"{signed.stem}-provenance.json"] == "sign"
 
 
 @pytest.mark.parametrize("name, kind, excepted", [
