@@ -52,11 +52,12 @@ def check(proc, table, b, work):
     assert different == {}, different
     assert proc.returncode == 0
     assert "8 identical, 0 DIFFERENT, 0 MISSING, 0 known exception" in proc.stdout
-    # each run converted, and BuildKit ran every step of the conversion (no step taken from a cache)
+    # each run converted, and BuildKit ran every step of the conversion (none taken from a cache)
     for n in (1, 2):
         assert f"run {n}: .  convert:{b.stem}" in proc.stdout
         log = (work / f"run{n}" / "doit.log").read_text()
         assert "KAIROS_NO_CACHE=1: every step runs again (docker build --no-cache)" in log
-        ran = buildkit_steps(log)
+        # every step after FROM (BuildKit reports the base image it has as CACHED: nothing to build)
+        ran = {step: hit for step, hit in buildkit_steps(log).items() if not step.startswith("FROM ")}
         assert "RUN sh /tmp/builtin-install.sh && rm -f /tmp/builtin-install.sh" in ran, sorted(ran)
         assert not any(ran.values()), {step for step, hit in ran.items() if hit}
