@@ -147,7 +147,9 @@ REGISTRY: tuple[Kind, ...] = (
                 Need(IPXE_LKRN, "put Debian's iPXE on the iPXE ISO and USB image"),
                 Need("sfdisk", "write the partition table of the iPXE USB image"),
                 Need("mkfs.vfat", "make the FAT partition of the iPXE USB image"),
-                Need("mcopy", "copy iPXE and its script into the iPXE USB image"))),
+                Need("mcopy", "copy iPXE and its script into the iPXE USB image"),
+                Need("faketime", "run grub-mkrescue, mkfs.vfat and mcopy at SOURCE_DATE_EPOCH, so the iPXE media are "
+                     "reproducible"))),
     Kind("uki", "Build <stem>-uki.efi (signed UKI: systemd-stub, kernel, whole-rootfs initrd) and <stem>-uki.iso.",
          stage="uki", suffixes=("-uki.efi", "-uki.iso"), checksummed=True, devices=("generic",), arches=("amd64",),
          needs=(Need("tar", "unpack the image root filesystem"),

@@ -101,7 +101,8 @@ def test_key_changes_with_url_and_stem(make_build):
 def test_tools_are_programs_with_known_providers(make_build):
     from tasks.kinds import KINDS, PROGRAMS
     need = KINDS["ipxe"].tools_for(make_build(artifacts=("ipxe",), netboot_url=URL))
-    assert set(need) == {"grub-mkrescue", "xorriso", "grub-mkimage", "sfdisk", "mkfs.vfat", "mcopy", "ipxe.lkrn"}
+    assert set(need) == {"grub-mkrescue", "xorriso", "grub-mkimage", "sfdisk", "mkfs.vfat", "mcopy", "ipxe.lkrn",
+                         "faketime"}
     assert all(purpose for purpose in need.values())
     assert set(need) <= set(PROGRAMS)
 
