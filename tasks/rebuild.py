@@ -16,7 +16,6 @@ fails), 2 for bad usage.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -32,6 +31,7 @@ from .kinds import BLOB_SIGNATURE_SUFFIXES, CHECKSUM_SUFFIX, KINDS
 from .matrix import Build
 from .run import UsageError, say
 from .stages.convert import NO_CACHE
+from .state import Paths, read_digest, sha256_file
 from .tools import docker
 
 IDENTICAL, DIFFERENT, MISSING, EXCEPTION = "identical", "DIFFERENT", "MISSING", "known exception"
@@ -97,14 +97,6 @@ def exception_of(name: str, kind: str | None) -> str | None:
     return AGGREGATES.get(name)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def first_difference(a: Path, b: Path) -> int | None:
     """The offset of the first differing byte of two files (the shorter one's length when one is a
     prefix of the other); None when they are equal."""
@@ -158,12 +150,12 @@ def compare(first: Path, second: Path, kinds: dict[str, str], reports: Path) -> 
     for path in sorted(p for p in first.rglob("*") if p.is_file()):
         rel = str(path.relative_to(first))
         kind = kinds.get(path.name)
-        digest = sha256(path)
+        digest = sha256_file(path)
         other = second / rel
         why = exception_of(path.name, kind)
         if not other.is_file():
             rows.append(Row(rel, kind, MISSING, digest, "the second run did not write it"))
-        elif sha256(other) == digest:
+        elif sha256_file(other) == digest:
             rows.append(Row(rel, kind, IDENTICAL, digest))
         elif why is not None:
             rows.append(Row(rel, kind, EXCEPTION, digest, why))
@@ -194,10 +186,16 @@ def doit_argv(targets: list[str]) -> list[str]:
     return [sys.executable, "-m", "doit", *targets]
 
 
+def run_paths(root: Path) -> Paths:
+    """The state and outputs directories of the clean build into ``root`` (pure)."""
+    return Paths(root / "state", root / "outputs")
+
+
 def run_env(base: dict[str, str], root: Path, flavors: str | None, shard: str | None) -> dict[str, str]:
     """The environment of one clean build into ``root`` (pure): its own state and outputs, no
     build cache; the selection pinned when given."""
-    env = dict(base, KAIROS_STATE=str(root / "state"), KAIROS_OUTPUTS=str(root / "outputs"), **{NO_CACHE: "1"})
+    paths = run_paths(root)
+    env = dict(base, KAIROS_STATE=str(paths.state), KAIROS_OUTPUTS=str(paths.outputs), **{NO_CACHE: "1"})
     for name, value in (("KAIROS_FLAVORS", flavors), ("KAIROS_SHARD", shard)):
         if value:
             env[name] = value
@@ -232,13 +230,13 @@ def build_once(n: int, project: Path, root: Path, targets: list[str], env: dict[
     return True
 
 
-def drop_superseded_images(first: Path, second: Path) -> list[str]:
-    """Remove from the engine the images the first run converted that the second run's did not
-    replace under the same ID (the second run took their tags: they are left untagged); returns
-    the IDs removed. An image the engine cannot remove (in use) stays."""
+def drop_superseded_images(builds: list[Build], first: Path, second: Path) -> list[str]:
+    """Remove from the engine the images the first run converted for ``builds`` that the second
+    run's did not replace under the same ID (the second run took their tags: they are left
+    untagged); returns the IDs removed. An image the engine cannot remove (in use) stays."""
     def ids(run_root: Path) -> set[str]:
-        folder = run_root / "state" / "image"
-        return {f.read_text().strip() for f in folder.glob("*")} if folder.is_dir() else set()
+        files = [run_paths(run_root).image_id(b) for b in builds]
+        return {read_digest(f) for f in files if f.exists()}
 
     removed = []
     for image in sorted(ids(first) - ids(second)):
@@ -264,7 +262,7 @@ def rebuild_check(project: Path, builds: list[Build], targets: list[str], flavor
                 keep = True  # what failed stays for a look
                 return 1
         rows = compare(runs[0] / "outputs", runs[1] / "outputs", kind_of(builds), root / "diffoscope")
-        for image in () if keep else drop_superseded_images(*runs):
+        for image in () if keep else drop_superseded_images(builds, *runs):
             say(f"rebuild-check: removed run 1's converted image {image} (run 2's holds its tag)")
         sys.stdout.write(render(rows))
         if json_out is not None:

@@ -36,7 +36,7 @@ def test_two_clean_builds_give_the_same_squashfs_kernel_initrd_and_iso(tmp_path,
     try:
         check(proc, table, b, work)
     finally:  # run 1's converted image lost its tag to run 2's: the check's own clean-up removes it
-        removed = rebuild.drop_superseded_images(work / "run1", work / "run2")
+        removed = rebuild.drop_superseded_images([b], work / "run1", work / "run2")
         print(f"removed: {removed}")
         shutil.rmtree(work, ignore_errors=True)
     assert len(removed) == 1 and removed[0].startswith("sha256:")
