@@ -47,6 +47,7 @@ def build_record(b: Build) -> dict:
         "base_image": b.base.ref,
         "converter": b.flavor.converter,
         "source_date_epoch": build_epoch(b.flavor),
+        "raw_xz_level": b.flavor.raw_xz_level if "xz" in b.kinds else None,
         "artifacts": b.files(),
     }
 

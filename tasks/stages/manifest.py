@@ -112,6 +112,7 @@ def build_record(paths: Paths, b: Build) -> dict:
             {name: hashlib.sha256(text.encode()).hexdigest() for name, text in convert.builtin_scripts(b).items()},
             "overlay_sha256": sign.overlay_digest(f.overlay) if f.overlay else None,
             "source_date_epoch": build_epoch(f),
+            "raw_xz_level": f.raw_xz_level if "xz" in b.kinds else None,
         },
         "outputs": files,
         "boot": [{k: r[k] for k in ("artifact", "firmware", "passed", "seconds", "skipped") if k in r}
@@ -131,6 +132,9 @@ def release_notes(version: str, builds: list[Build], records: list[dict], carrie
     epochs = sorted({r["inputs"]["source_date_epoch"] for r in records if "inputs" in r})
     if epochs:
         out += [f"Dated SOURCE_DATE_EPOCH={', '.join(map(str, epochs))} (squashfs, ISO, raw disk images, UKI).", ""]
+    levels = sorted({level for r in records if (level := r.get("inputs", {}).get("raw_xz_level")) is not None})
+    if levels:
+        out += [f"Raw disk images compressed with xz -{', -'.join(map(str, levels))} (`.img.xz`).", ""]
     bases = [r["inputs"]["base"] for r in records if "inputs" in r]
     mirrors = sorted({(m["suite"], m["mirror"]) for base in bases if (m := base.get("mmdebstrap"))})
     if mirrors:

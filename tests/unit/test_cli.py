@@ -53,6 +53,7 @@ def test_plan_json(tmp_path, capsys, monkeypatch):
     plan = plan_json(capsys, "--flavors", str(tmp_path / "flavors"))
     builds = plan["builds"]
     assert {b["source_date_epoch"] for b in builds} == {1712345678}
+    assert {b["raw_xz_level"] for b in builds} == {6, None}  # the rpi4 builds' raw images (xz); none for generic
     assert [(b["variant"], b["arch"], b["device"]) for b in builds] == [
         ("core", "amd64", "generic"), ("core", "arm64", "generic"), ("core", "arm64", "rpi4"),
         ("standard", "amd64", "generic"), ("standard", "arm64", "generic"), ("standard", "arm64", "rpi4")]

@@ -182,6 +182,24 @@ def test_provenance_and_manifest_name_the_provider_and_its_version(make_build, t
     notes = release_notes("v3.1.0", [b], [{**record, "outputs": []}], {})
     assert "Dated SOURCE_DATE_EPOCH=1700000000 (squashfs, ISO, raw disk images, UKI)." in notes
     assert "mmdebstrap" not in record["inputs"]["base"] and "Packages (" not in notes  # a registry base
+    assert record["inputs"]["raw_xz_level"] is None and "compressed with xz" not in notes  # no raw image
+
+
+def test_manifest_and_release_notes_record_the_xz_level(make_build, tmp_path):
+    b = make_build(artifacts=("raw",), raw_generic=True, raw_xz_level=0, kairos_init_image=None, converter="builtin")
+    paths = Paths(tmp_path / "s", tmp_path / "o")
+    for digest_file in (paths.resolved(b.base.ident), paths.image_id(b), paths.pushed(b)):
+        digest_file.parent.mkdir(parents=True, exist_ok=True)
+        digest_file.write_text("sha256:" + "c" * 64 + "\n")
+    for sha in paths.checksums(b):  # the .img and .img.xz with their checksums
+        artifact = sha.with_name(sha.name.removesuffix(".sha256"))
+        artifact.parent.mkdir(parents=True, exist_ok=True)
+        artifact.write_bytes(b"x")
+        sha.write_text(f"{'d' * 64}  {artifact.name}\n")
+    record = manifest.build_record(paths, b)
+    assert record["inputs"]["raw_xz_level"] == 0
+    notes = release_notes("v3.1.0", [b], [{**record, "outputs": []}], {})
+    assert "Raw disk images compressed with xz -0 (`.img.xz`)." in notes
 
 
 def test_manifest_and_release_notes_record_the_package_mirror(make_build, tmp_path):
